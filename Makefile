@@ -1,0 +1,27 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up .venv first.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+# Set-up reruns when any of these is newer than the last successful set-up.
+SETUP_INPUTS := pyproject.toml requirements/constraints.txt scripts/setup.sh scripts/check_env.py
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(VENV)/bin/hyperhuman demo --output demo_output
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) bench/shards_io.py
+
+clean:
+	rm -rf demo_output bench/results .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from hyperhuman.cli import main
+
+sys.exit(main())

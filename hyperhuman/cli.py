@@ -1,0 +1,118 @@
+"""The ``hyperhuman`` console script: one subcommand per pipeline stage.
+
+Each subcommand reads a YAML config from ``configs/`` (``--config`` picks another file) and
+takes ``--set key=value`` overrides. Heavy imports happen inside the commands so that
+``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hyperhuman.config import ConfigError, load_config
+
+
+def _add_config_options(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument(
+        "--config", default=default_config, help=f"YAML config: a name in configs/ or a path (default: {default_config})"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set writer.max_samples=500 (repeatable)",
+    )  # fmt: skip
+
+
+def _shards_pack(args: argparse.Namespace) -> int:
+    from shards.pack import pack_folder
+
+    config = load_config(args.config, args.overrides)
+    manifest = pack_folder(
+        args.source, args.output, extensions=config["pack"]["extensions"], partition=config["pack"]["partition"], **config["writer"]
+    )
+    print(f"wrote {manifest['num_shards']} shard(s), {manifest['samples']} samples, rows {manifest['counts']} to {args.output}")
+    return 0
+
+
+def _shards_validate(args: argparse.Namespace) -> int:
+    from shards.validate import validate
+
+    config = load_config(args.config, args.overrides)
+    problems = validate(args.path, decode=config["validate"]["decode"])
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"INVALID: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
+        return 1
+    print(f"OK: {args.path} is a valid HumanVerse dataset")
+    return 0
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from shards.validate import inspect
+
+    config = load_config(args.config, args.overrides)
+    report = inspect(args.path, max_keys=config["inspect"]["max_keys"])
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(len(name) for name in report)
+    for name, value in report.items():
+        if isinstance(value, dict):
+            print(f"{name:<{width}}")
+            for sub, count in value.items():
+                print(f"  {sub}: {count}")
+        else:
+            print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hyperhuman.demo import run_demo
+
+    return run_demo(load_config(args.config, args.overrides), args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperhuman", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shards_parser = commands.add_parser("shards", help="write, validate and inspect HumanVerse shards")
+    shard_commands = shards_parser.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+
+    pack = shard_commands.add_parser("pack", help="pack a folder of images (+ NAME.txt captions) into shards")
+    pack.add_argument("source", help="folder of images (any fsspec URL)")
+    pack.add_argument("output", help="output dataset root (any fsspec URL)")
+    _add_config_options(pack, "shards")
+    pack.set_defaults(func=_shards_pack)
+
+    validate = shard_commands.add_parser("validate", help="check every shard; exit 1 on any problem")
+    validate.add_argument("path", help="dataset root")
+    _add_config_options(validate, "shards")
+    validate.set_defaults(func=_shards_validate)
+
+    inspect = shard_commands.add_parser("inspect", help="counts, sizes, annotator versions, example keys")
+    inspect.add_argument("path", help="dataset root")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_options(inspect, "shards")
+    inspect.set_defaults(func=_shards_inspect)
+
+    demo = commands.add_parser("demo", help="run the pipeline end to end on offline defaults (make demo)")
+    demo.add_argument("--output", default="demo_output", help="where the demo writes (default: demo_output)")
+    _add_config_options(demo, "demo")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ConfigError) as exc:
+        print(f"hyperhuman {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
