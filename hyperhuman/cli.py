@@ -16,7 +16,9 @@ from hyperhuman.config import ConfigError, load_config
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument(
-        "--config", default=default_config, help=f"YAML config: a name in configs/ or a path (default: {default_config})"
+        "--config",
+        default=default_config,
+        help=f"YAML config: a name in configs/ or a path (default: {default_config})",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -29,9 +31,14 @@ def _shards_pack(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     manifest = pack_folder(
-        args.source, args.output, extensions=config["pack"]["extensions"], partition=config["pack"]["partition"], **config["writer"]
+        args.source,
+        args.output,
+        extensions=config["pack"]["extensions"],
+        partition=config["pack"]["partition"],
+        **config["writer"],
     )
-    print(f"wrote {manifest['num_shards']} shard(s), {manifest['samples']} samples, rows {manifest['counts']} to {args.output}")
+    shard_count, rows = manifest["num_shards"], manifest["counts"]
+    print(f"wrote {shard_count} shard(s), {manifest['samples']} samples, rows {rows} to {args.output}")
     return 0
 
 

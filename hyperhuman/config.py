@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
 
@@ -38,7 +39,9 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
                 known = sorted(node) if isinstance(node, dict) else []
-                raise ConfigError(f"override {override!r}: no key {'.'.join(parts[: depth + 1])!r} in the config; known here: {known}")
+                raise ConfigError(
+                    f"override {override!r}: no key {'.'.join(parts[: depth + 1])!r} in the config; known here: {known}"
+                )
             if depth == len(parts) - 1:
                 node[part] = yaml.safe_load(raw)
             else:

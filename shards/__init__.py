@@ -1,6 +1,6 @@
 """HumanVerse shards: sample schema, codecs, writer, readers, validation.
 
-    from shards import ShardWriter, Sample, wds_handler
+from shards import ShardWriter, Sample, wds_handler
 """
 
 from shards.reader import complete_shard_urls, ray_decoder, read_shard

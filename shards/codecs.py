@@ -142,7 +142,11 @@ def encode_depth(depth: np.ndarray, kind: str) -> tuple[bytes, DepthEncoding]:
         raise ValueError(f"depth kind must be a non-empty string such as 'metric_m', got {kind!r}")
     low, high = float(depth.min()), float(depth.max())
     span = high - low
-    quantised = np.zeros(depth.shape, np.uint16) if span == 0 else np.round((depth - low) / span * DEPTH_LEVELS).astype(np.uint16)
+    quantised = (
+        np.zeros(depth.shape, np.uint16)
+        if span == 0
+        else np.round((depth - low) / span * DEPTH_LEVELS).astype(np.uint16)
+    )
     encoding = DepthEncoding(kind=kind, min=low, max=high)
     info = PngImagePlugin.PngInfo()
     info.add_text(DEPTH_PNG_TEXT_KEY, json.dumps(encoding.to_json()))

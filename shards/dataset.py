@@ -19,7 +19,7 @@ import webdataset as wds
 from shards import tario
 from shards.keypoints import NUM_COCO17, hflip_keypoints
 from shards.reader import decode_sample, expand_urls
-from shards.sample import CAPTION, DEPTH, IMAGE, MASK, META, NORMAL, POSE
+from shards.sample import CAPTION, DEPTH, IMAGE, MASK, NORMAL, POSE
 
 
 def crop_keypoints(keypoints: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
@@ -102,7 +102,7 @@ class SampleTransform:
 
     def _resize(self, array: np.ndarray, box, mode: str) -> torch.Tensor:
         x0, y0, crop_w, crop_h = box
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # decoded arrays are read-only
         tensor = (tensor[..., None] if tensor.ndim == 2 else tensor).permute(2, 0, 1).float()
         tensor = tensor[:, y0 : y0 + crop_h, x0 : x0 + crop_w]
         antialias = mode == "bilinear"

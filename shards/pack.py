@@ -36,7 +36,9 @@ def pack_folder(
     images = list_images(source, extensions)
     if not images:
         raise FileNotFoundError(f"no images with extensions {extensions} under {source!r}")
-    with ShardWriter(output, partition, max_samples=max_samples, max_bytes=max_bytes, jpeg_quality=jpeg_quality) as writer:
+    with ShardWriter(
+        output, partition, max_samples=max_samples, max_bytes=max_bytes, jpeg_quality=jpeg_quality
+    ) as writer:
         for index, url in enumerate(images):
             key = f"{partition:06d}{index:06d}"
             with fsspec.open(url, "rb") as handle:

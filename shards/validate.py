@@ -111,7 +111,9 @@ def _check_sample(shard: str, sample: dict, problems: list[Problem]) -> None:
                     continue
                 points = person[field]
                 visible = points[:, 2] > 0
-                outside = visible & ((points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height))
+                outside = visible & (
+                    (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+                )
                 if outside.any():
                     first = int(np.flatnonzero(outside)[0])
                     problem(
@@ -192,11 +194,11 @@ def _check_parquet_and_stats(fs, root: str, shard: str, keys: list[str] | None, 
         problem(f"stats counts {stats.get('counts')} disagree with the parquet's {counts}")
     if stats.get("rows") != table.num_rows:
         problem(f"stats rows {stats.get('rows')} disagree with the parquet's {table.num_rows}")
-    for key, status, reason in zip(rows["key"], rows["status"], rows["reason"]):
+    for key, status, reason in zip(rows["key"], rows["status"], rows["reason"], strict=True):
         if status != STATUS_OK and not reason:
             problem(f"{status} row has no reason", key)
     if keys is not None:
-        ok_keys = {key for key, status in zip(rows["key"], rows["status"]) if status == STATUS_OK}
+        ok_keys = {key for key, status in zip(rows["key"], rows["status"], strict=True) if status == STATUS_OK}
         for key in sorted(set(keys) - ok_keys):
             problem("sample is in the tar but not an 'ok' row of the parquet", key)
         for key in sorted(ok_keys - set(keys)):
@@ -225,10 +227,16 @@ def _check_manifest(fs, root: str, all_stats: dict[str, dict], problems: list[Pr
         for field in ("samples", "rows", "counts"):
             if listed[shard].get(field) != all_stats[shard].get(field):
                 problems.append(
-                    Problem(MANIFEST_NAME, None, f"{shard} {field} {listed[shard].get(field)} ≠ stats {all_stats[shard].get(field)}")
+                    Problem(
+                        MANIFEST_NAME,
+                        None,
+                        f"{shard} {field} {listed[shard].get(field)} ≠ stats {all_stats[shard].get(field)}",
+                    )
                 )
     if manifest.get("samples") != sum(stats.get("samples", 0) for stats in all_stats.values()):
-        problems.append(Problem(MANIFEST_NAME, None, f"total samples {manifest.get('samples')} disagree with the shards"))
+        problems.append(
+            Problem(MANIFEST_NAME, None, f"total samples {manifest.get('samples')} disagree with the shards")
+        )
 
 
 def validate(root: str, *, decode: bool = True, storage_options: dict | None = None) -> list[Problem]:
@@ -282,7 +290,9 @@ def inspect(root: str, *, max_keys: int = 5, storage_options: dict | None = None
                     if len(keys) < max_keys:
                         keys.append(meta["key"])
                     for modality, info in meta.get("annotations", {}).items():
-                        annotators[f"{modality}: {info.get('annotator')} {info.get('version')} ({info.get('weights')})"] += 1
+                        annotators[
+                            f"{modality}: {info.get('annotator')} {info.get('version')} ({info.get('weights')})"
+                        ] += 1
     return {
         "root": root,
         "complete_shards": len(markers),

@@ -260,7 +260,10 @@ def write_manifest(output: str, storage_options: dict | None = None) -> dict:
         with fs.open(path, "r") as handle:
             stats = json.load(handle)
         shards.append(
-            {key: stats[key] for key in ("shard", "partition", "part", "final", "samples", "rows", "counts", "tar_bytes")}
+            {
+                key: stats[key]
+                for key in ("shard", "partition", "part", "final", "samples", "rows", "counts", "tar_bytes")
+            }
         )
     totals = Counter()
     for shard in shards:

@@ -74,7 +74,9 @@ def test_pose_round_trip_with_wholebody():
     np.testing.assert_allclose(decoded["people"][0]["wholebody"], pose["people"][0]["wholebody"], rtol=1e-6)
     assert "wholebody" not in decoded["people"][1]
     with pytest.raises(ValueError, match="expected 17 keypoints"):
-        codecs.encode_pose({"width": 1, "height": 1, "people": [{"bbox": [0, 0, 1, 1], "keypoints": np.zeros((18, 3))}]})
+        codecs.encode_pose(
+            {"width": 1, "height": 1, "people": [{"bbox": [0, 0, 1, 1], "keypoints": np.zeros((18, 3))}]}
+        )
     with pytest.raises(codecs.DecodeError, match="schema"):
         codecs.decode_pose(b'{"width": 3}')
 

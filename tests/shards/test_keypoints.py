@@ -9,7 +9,9 @@ from shards import keypoints as kp
 
 def random_keypoints(count, seed=0, width=100, height=80):
     rng = np.random.default_rng(seed)
-    return np.concatenate([rng.uniform(0, width, (count, 1)), rng.uniform(0, height, (count, 1)), rng.uniform(0.1, 1, (count, 1))], 1)
+    return np.concatenate(
+        [rng.uniform(0, width, (count, 1)), rng.uniform(0, height, (count, 1)), rng.uniform(0.1, 1, (count, 1))], 1
+    )
 
 
 def test_openpose18_neck_is_mean_of_shoulders_and_round_trips():

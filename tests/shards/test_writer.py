@@ -110,8 +110,8 @@ def test_writes_through_fsspec_memory_filesystem(sample_factory):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    from conftest import make_sample
+    sys.path.insert(0, {repo!r})
+    from shards.testing import make_sample
     from shards import ShardWriter
     writer = ShardWriter({output!r}, 7, max_samples=3)
     for index in range(5):  # completes part 0 (3 samples), then 2 samples into part 1
@@ -123,7 +123,7 @@ KILLED_WRITER = textwrap.dedent(
 
 
 def test_writer_killed_mid_shard_leaves_no_final_tar_and_rerun_completes(tmp_path, sample_factory):
-    script = KILLED_WRITER.format(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), output=str(tmp_path))
+    script = KILLED_WRITER.format(repo=str(REPO_ROOT), output=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "MID-SHARD"

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+
+from hyperhuman.cli import build_parser, main
+from hyperhuman.config import CONFIG_DIR, ConfigError, apply_overrides, load_config
+
+from .conftest import REPO_ROOT
+
+
+def subcommand_paths(parser, prefix=()):
+    """Every command path of the CLI, e.g. ('shards', 'validate')."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from subcommand_paths(sub, prefix + (name,))
+
+
+def test_every_subcommand_has_help():
+    paths = list(subcommand_paths(build_parser()))
+    assert ("shards", "validate") in paths and ("demo",) in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "hyperhuman", "--help"], capture_output=True, text=True, check=True)
+    assert "shards" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    assert isinstance(load_config(str(path)), dict)
+
+
+def test_overrides_parse_yaml_and_reject_unknown_keys():
+    config = {"writer": {"max_samples": 10, "name": "x"}}
+    assert apply_overrides(config, ["writer.max_samples=5"])["writer"]["max_samples"] == 5
+    with pytest.raises(ConfigError, match="no key 'writer.max_sample'"):
+        apply_overrides(config, ["writer.max_sample=5"])
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_overrides(config, ["writer.max_samples"])
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    assert main(["shards", "validate", str(tmp_path), "--set", "nope=1"]) == 2
+    assert "no key 'nope'" in capsys.readouterr().err
+
+
+def test_validate_on_an_empty_folder_fails(tmp_path, capsys):
+    assert main(["shards", "validate", str(tmp_path)]) == 1
+    assert "holds no shards" in capsys.readouterr().out
+
+
+def test_pack_records_unreadable_images_as_failed_rows(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(source / "a.png")
+    (source / "a.txt").write_text("a black square\n")
+    (source / "b.jpg").write_bytes(b"not a jpeg")
+    assert main(["shards", "pack", str(source), str(tmp_path / "out")]) == 0
+    assert main(["shards", "validate", str(tmp_path / "out")]) == 0
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "000000-0000.parquet").to_pylist()
+    assert [(row["status"], row["caption"]) for row in rows] == [("ok", "a black square"), ("failed", "")]
+    assert "not a readable image" in rows[1]["reason"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "hyperhuman"), "demo", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[demo] validation OK" in result.stdout
