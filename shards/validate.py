@@ -173,7 +173,7 @@ def _check_parquet_and_stats(fs, root: str, shard: str, keys: list[str] | None, 
         return None
     try:
         with fs.open(_join(root, shard + ".parquet"), "rb") as handle:
-            table = pq.read_table(handle)
+            table = pq.read_table(handle, use_threads=False)  # see apache/arrow#34314: pool threads abort at exit
     except Exception as exc:  # missing file, or any pyarrow parse error
         problem(f"parquet is missing or unreadable: {type(exc).__name__}: {exc}")
         return stats

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import tarfile
 import uuid
 from collections import Counter
@@ -245,10 +246,10 @@ class ShardWriter:
     def _remove_stale_parts(self) -> None:
         """Parts beyond the last one written now belong to an older, longer run of this
         partition; they would otherwise be read as duplicates."""
+        shard_file = re.compile(rf"{self.partition:06d}-(\d{{4}})(\.tar|\.parquet|{re.escape(STATS_SUFFIX)})")
         for path in self._partition_files():
-            base = posixpath.basename(path)
-            part = base[7:11]
-            if TMP_MARKER not in base and part.isdigit() and int(part) >= self._part:
+            match = shard_file.fullmatch(posixpath.basename(path))
+            if match and int(match.group(1)) >= self._part:
                 self.fs.rm(path)
 
 
