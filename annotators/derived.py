@@ -1,0 +1,152 @@
+"""Annotations derived from other annotations, for when no depth or normal model is configured.
+
+Both are honest about what they are: their ``kind`` / name says how they were made, and the
+job records it in every sample's metadata.
+
+- :class:`NormalFromDepth`: surface normals of a depth map under a pinhole camera: each pixel
+  is back-projected to 3-D and the normal is the cross product of the neighbours' differences.
+  Exact for any surface under the assumed field of view; normals do not depend on the depth's
+  scale, so metric and up-to-scale depth give the same normals.
+- :class:`PersonDepthFromPose`: a *coarse* per-person depth from BlazePose's metric world
+  landmarks: each person's distance from the camera is estimated from their torso length in
+  pixels vs metres (pinhole, assumed field of view), landmark depths are that distance plus the
+  landmark's world z, and the person's mask pixels interpolate the landmark depths (inverse
+  distance weighting); the background is a far plane. It is a placeholder for a real depth
+  model (DPT, Depth Anything, MiDaS), not a substitute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from annotators.base import Annotator, AnnotatorConfig
+
+DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when the camera is unknown
+
+
+def focal_length_px(width: int, fov_deg: float = DEFAULT_FOV_DEG) -> float:
+    return width / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
+
+
+def backproject(depth: np.ndarray, focal_px: float) -> np.ndarray:
+    """Depth (distance along the optical axis) → 3-D points ``(H, W, 3)`` in the camera frame
+    x right, y up, z toward the viewer (so visible points have z = -depth)."""
+    height, width = depth.shape
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    x = (u + 0.5 - width / 2.0) * depth / focal_px
+    y = -(v + 0.5 - height / 2.0) * depth / focal_px
+    return np.stack([x, y, -depth.astype(np.float64)], axis=2)
+
+
+def normals_from_depth(depth: np.ndarray, focal_px: float) -> np.ndarray:
+    """Unit normals ``(H, W, 3)`` (x right, y up, z toward the viewer) of a depth map."""
+    points = backproject(np.asarray(depth, dtype=np.float64), focal_px)
+    along_u = np.gradient(points, axis=1)  # central differences, one-sided at the border
+    along_v = np.gradient(points, axis=0)
+    normal = np.cross(along_v, along_u)  # v points down, u right: v × u faces the camera
+    norm = np.linalg.norm(normal, axis=2, keepdims=True)
+    normal = np.where(norm > 0, normal / np.maximum(norm, 1e-12), np.array([0.0, 0.0, 1.0]))
+    return normal.astype(np.float32)
+
+
+class NormalFromDepth(Annotator):
+    name = "normal-from-depth"
+    version = "1"
+    modality = "normal"
+
+    def __init__(self, config: AnnotatorConfig):
+        super().__init__(config)
+        self.fov_deg = float(config.options.get("fov_deg", DEFAULT_FOV_DEG))
+
+    @property
+    def weights_id(self) -> str:
+        return f"none (pinhole, fov {self.fov_deg:g} deg)"
+
+    def __call__(self, images: list, depths: list[dict]) -> list[np.ndarray]:
+        """``depths[i]``: a depth result ``{"depth": (H, W) array, "kind": str}`` for image i.
+        Inverse depth kinds (``*inverse*``, ``disparity``) are inverted first."""
+        normals = []
+        for depth_result in depths:
+            depth = np.asarray(depth_result["depth"], dtype=np.float64)
+            kind = depth_result["kind"]
+            if "inverse" in kind or "disparity" in kind:
+                depth = 1.0 / np.maximum(depth, 1e-6)
+            normals.append(normals_from_depth(depth, focal_length_px(depth.shape[1], self.fov_deg)))
+        return normals
+
+
+# BlazePose landmark indices of the shoulders and hips (torso length).
+_SHOULDERS, _HIPS = (11, 12), (23, 24)
+
+
+class PersonDepthFromPose(Annotator):
+    """Coarse metric depth of the people from BlazePose world landmarks and the person mask."""
+
+    name = "person-depth-from-pose"
+    version = "1"
+    modality = "depth"
+    kind = "coarse_metric_m_from_pose"
+
+    def __init__(self, config: AnnotatorConfig):
+        super().__init__(config)
+        self.fov_deg = float(config.options.get("fov_deg", DEFAULT_FOV_DEG))
+        self.background_factor = float(config.options.get("background_factor", 1.5))
+
+    @property
+    def weights_id(self) -> str:
+        return f"none (BlazePose world landmarks, pinhole fov {self.fov_deg:g} deg)"
+
+    def person_distance(self, person: dict, focal_px: float) -> float | None:
+        pixels, world = person["blazepose33"], person["world"]
+        torso_px = np.linalg.norm(pixels[list(_SHOULDERS), :2].mean(0) - pixels[list(_HIPS), :2].mean(0))
+        torso_m = np.linalg.norm(world[list(_SHOULDERS)].mean(0) - world[list(_HIPS)].mean(0))
+        if torso_px < 2 or torso_m <= 0:
+            return None
+        return float(focal_px * torso_m / torso_px)
+
+    def depth_one(self, width: int, height: int, pose: dict, mask: np.ndarray | None) -> np.ndarray:
+        focal_px = focal_length_px(width, self.fov_deg)
+        people = [p for p in pose["people"] if "world" in p and "blazepose33" in p]
+        distances = [self.person_distance(p, focal_px) for p in people]
+        placed = [(p, d) for p, d in zip(people, distances, strict=True) if d is not None]
+        if not placed:
+            return np.full((height, width), 10.0, dtype=np.float32)  # nobody placed: a flat far plane
+        far = self.background_factor * max(d for _, d in placed)
+        depth = np.full((height, width), far, dtype=np.float32)
+        person_pixels = np.ones((height, width), bool) if mask is None else np.asarray(mask) > 127
+        v, u = np.nonzero(person_pixels)
+        if len(u) == 0:
+            return depth
+        # IDW with a softening length of 1/4 torso: smooth between landmarks, no spikes at them
+        smoothing = {}
+        for person, _ in placed:
+            pixels = person["blazepose33"]
+            torso_px = np.linalg.norm(pixels[list(_SHOULDERS), :2].mean(0) - pixels[list(_HIPS), :2].mean(0))
+            smoothing[id(person)] = (0.25 * torso_px) ** 2 + 1.0
+        for start in range(0, len(u), 65536):  # bounded memory: pixels x 33 landmarks per chunk
+            chunk_u, chunk_v = u[start : start + 65536], v[start : start + 65536]
+            points = np.stack([chunk_u + 0.5, chunk_v + 0.5], axis=1)
+            best = np.full(len(chunk_u), np.inf)
+            for person, distance in placed:
+                landmarks = person["blazepose33"][:, :2]
+                landmark_depth = distance + person["world"][:, 2]
+                squared = ((points[:, None, :] - landmarks[None, :, :]) ** 2).sum(axis=2)
+                weights = 1.0 / (squared + smoothing[id(person)])
+                values = (weights * landmark_depth[None, :]).sum(1) / weights.sum(1)
+                # each mask pixel belongs to the person whose landmarks are nearest to it
+                nearest = squared.min(axis=1)
+                take = nearest < best
+                best[take] = nearest[take]
+                depth[chunk_v[take], chunk_u[take]] = values[take]
+        return depth
+
+    def __call__(self, images: list, poses: list[dict], masks: list | None = None) -> list[dict]:
+        """Depth results ``{"depth": (H, W) float32 metres, "kind": ...}`` per image."""
+        results = []
+        for index, pose in enumerate(poses):
+            mask = None if masks is None else masks[index]
+            depth = self.depth_one(pose["width"], pose["height"], pose, mask)
+            results.append({"depth": depth, "kind": self.kind})
+        return results

@@ -1,0 +1,30 @@
+"""Annotators by name, so a config picks the model for each modality."""
+
+from __future__ import annotations
+
+import importlib
+
+from annotators.base import Annotator, AnnotatorConfig
+
+# name → "module:Class"; imported only when built, so unused model families cost nothing.
+REGISTRY: dict[str, str] = {
+    "mediapipe-pose": "annotators.mediapipe_pose:MediaPipePose",
+    "mediapipe-selfie": "annotators.mediapipe_segmentation:MediaPipeSelfieMask",
+    "pose-depth": "annotators.derived:PersonDepthFromPose",
+    "depth-normal": "annotators.derived:NormalFromDepth",
+    "source-caption": "annotators.caption:SourceCaption",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Add an annotator class (``"package.module:Class"``) under ``name``."""
+    REGISTRY[name] = target
+
+
+def build_annotator(config: AnnotatorConfig | dict | str) -> Annotator:
+    config = config if isinstance(config, AnnotatorConfig) else AnnotatorConfig.from_dict(config)
+    if config.name not in REGISTRY:
+        raise ValueError(f"unknown annotator {config.name!r}; registered: {sorted(REGISTRY)}")
+    module_name, class_name = REGISTRY[config.name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)
