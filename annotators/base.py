@@ -102,6 +102,9 @@ class Annotator:
     name: ClassVar[str]
     version: ClassVar[str]
     modality: ClassVar[str]  # "detection", "pose", "depth", "normal", "mask" or "caption"
+    # Other annotations this annotator consumes, passed as keyword arguments of the same name
+    # ("boxes", "poses", "masks", "depths", "captions"); the annotate stage supplies them.
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: AnnotatorConfig):
         self.config = config

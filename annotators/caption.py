@@ -9,6 +9,7 @@ class SourceCaption(Annotator):
     name = "source-caption"
     version = "1"
     modality = "caption"
+    inputs = ("captions",)
 
     def __call__(self, images: list, captions: list[str | None] | None = None) -> list[str]:
         """The given captions, whitespace-normalised (missing ones become "")."""

@@ -55,6 +55,7 @@ class NormalFromDepth(Annotator):
     name = "normal-from-depth"
     version = "1"
     modality = "normal"
+    inputs = ("depths",)
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
@@ -87,6 +88,7 @@ class PersonDepthFromPose(Annotator):
     name = "person-depth-from-pose"
     version = "1"
     modality = "depth"
+    inputs = ("poses", "masks")
     kind = "coarse_metric_m_from_pose"
 
     def __init__(self, config: AnnotatorConfig):

@@ -1,7 +1,9 @@
 """``make demo``: run what exists of the pipeline on photos that ship inside packages.
 
-Today: export the public-domain photos, pack them into HumanVerse shards, validate and
-inspect them. Later stages (annotation, LSDM sampling, evaluation) join as they land.
+Today: annotate the public-domain photos with the offline default annotators (pose, mask,
+coarse depth, normals, source captions), write HumanVerse shards, validate and inspect them,
+and save a preview strip per sample. Later stages (the Ray job, LSDM sampling, evaluation)
+join as they land.
 """
 
 from __future__ import annotations
@@ -23,30 +25,53 @@ def packaged_photos() -> dict[str, np.ndarray]:
     return {"astronaut": skimage.data.astronaut(), "grace_hopper": grace_hopper}
 
 
+def preview(sample) -> np.ndarray:
+    """Image | skeleton | mask | depth | normal, side by side."""
+    from annotators.render import render_depth, render_normal, render_pose
+
+    mask = np.repeat(sample.mask[..., None], 3, axis=2)
+    panels = [sample.image, render_pose(sample.pose), mask, render_depth(sample.depth), render_normal(sample.normal)]
+    return np.concatenate(panels, axis=1)
+
+
 def run_demo(config: dict, output: str) -> int:
-    from shards.pack import pack_folder
+    from pipelines.annotate import AnnotateStage
+    from shards import ShardWriter, write_manifest
     from shards.validate import inspect, validate
 
     output_dir = Path(output)
-    photo_dir = output_dir / "photos"
-    photo_dir.mkdir(parents=True, exist_ok=True)
     photos = packaged_photos()
-    for name, caption in config["photos"].items():
-        Image.fromarray(photos[name]).save(photo_dir / f"{name}.jpg", quality=95)
-        (photo_dir / f"{name}.txt").write_text(caption + "\n")
-    print(f"[demo] exported {len(config['photos'])} public-domain photos to {photo_dir}")
+    names = list(config["photos"])
+    stage = AnnotateStage(config["annotators"])
+    samples = stage(
+        keys=[f"demo{index:04d}" for index in range(len(names))],
+        images=[photos[name] for name in names],
+        captions=[config["photos"][name] for name in names],
+        sources=[f"package:{name}" for name in names],
+    )
+    for name, sample in zip(names, samples, strict=True):
+        print(f"[demo] {name}: {len(sample.pose['people'])} person(s) found")
 
-    shard_dir = str(output_dir / "shards")
-    manifest = pack_folder(str(photo_dir), shard_dir, extensions=["jpg"], **config["writer"])
-    print(f"[demo] packed {manifest['samples']} samples into {manifest['num_shards']} shard(s) under {shard_dir}")
+    shard_dir = output_dir / "shards"
+    with ShardWriter(str(shard_dir), 0, **config["writer"]) as writer:
+        for sample in samples:
+            writer.write(sample)
+    manifest = write_manifest(str(shard_dir))
+    print(f"[demo] wrote {manifest['samples']} annotated samples in {manifest['num_shards']} shard(s) to {shard_dir}")
 
-    problems = validate(shard_dir)
+    problems = validate(str(shard_dir))
     for problem in problems:
         print(f"[demo] {problem}")
     if problems:
         print(f"[demo] validation FAILED with {len(problems)} problem(s)")
         return 1
     print("[demo] validation OK")
-    print(json.dumps(inspect(shard_dir), indent=2))
-    print("[demo] next stages (annotation, LSDM, evaluation) are not built yet; see README.md")
+    print(json.dumps(inspect(str(shard_dir)), indent=2))
+
+    preview_dir = output_dir / "previews"
+    preview_dir.mkdir(parents=True, exist_ok=True)
+    for name, sample in zip(names, samples, strict=True):
+        Image.fromarray(preview(sample)).save(preview_dir / f"{name}.png")
+    print(f"[demo] previews (image | pose | mask | depth | normal) in {preview_dir}")
+    print("[demo] not built yet: the Ray annotation job, LSDM, evaluation (see README.md)")
     return 0
