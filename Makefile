@@ -22,6 +22,8 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/shards_io.py
+	$(PYTHON) bench/pose_accuracy.py
+	$(PYTHON) bench/annotator_latency.py
 
 clean:
 	rm -rf demo_output bench/results .pytest_cache

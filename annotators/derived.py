@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 
 from annotators.base import Annotator, AnnotatorConfig
@@ -95,6 +96,7 @@ class PersonDepthFromPose(Annotator):
         super().__init__(config)
         self.fov_deg = float(config.options.get("fov_deg", DEFAULT_FOV_DEG))
         self.background_factor = float(config.options.get("background_factor", 1.5))
+        self.grid_size = int(config.options.get("grid_size", 128))
 
     @property
     def weights_id(self) -> str:
@@ -116,32 +118,34 @@ class PersonDepthFromPose(Annotator):
         if not placed:
             return np.full((height, width), 10.0, dtype=np.float32)  # nobody placed: a flat far plane
         far = self.background_factor * max(d for _, d in placed)
-        depth = np.full((height, width), far, dtype=np.float32)
         person_pixels = np.ones((height, width), bool) if mask is None else np.asarray(mask) > 127
-        v, u = np.nonzero(person_pixels)
-        if len(u) == 0:
-            return depth
-        # IDW with a softening length of 1/4 torso: smooth between landmarks, no spikes at them
-        smoothing = {}
-        for person, _ in placed:
+        # The interpolation is smooth at the scale of a torso, so compute it on a grid of at most
+        # `grid_size` px per side and upsample: same result, ~10x less time on 512 px photos.
+        step = max(1, int(np.ceil(max(width, height) / self.grid_size)))
+        grid = self.person_depth_grid(width, height, placed, step, far)
+        upsampled = cv2.resize(grid, (width, height), interpolation=cv2.INTER_LINEAR) if step > 1 else grid
+        return np.where(person_pixels, upsampled, far).astype(np.float32)
+
+    def person_depth_grid(self, width: int, height: int, placed: list, step: int, far: float) -> np.ndarray:
+        """Interpolated landmark depth on pixel centres ``step`` apart (each cell nearest a person)."""
+        grid_h, grid_w = -(-height // step), -(-width // step)
+        depth = np.full((grid_h, grid_w), far, dtype=np.float32)
+        v, u = np.mgrid[0:grid_h, 0:grid_w].reshape(2, -1)
+        points = np.stack([(u + 0.5) * step, (v + 0.5) * step], axis=1)
+        nearest_so_far = np.full(len(u), np.inf)
+        for person, distance in placed:
             pixels = person["blazepose33"]
             torso_px = np.linalg.norm(pixels[list(_SHOULDERS), :2].mean(0) - pixels[list(_HIPS), :2].mean(0))
-            smoothing[id(person)] = (0.25 * torso_px) ** 2 + 1.0
-        for start in range(0, len(u), 65536):  # bounded memory: pixels x 33 landmarks per chunk
-            chunk_u, chunk_v = u[start : start + 65536], v[start : start + 65536]
-            points = np.stack([chunk_u + 0.5, chunk_v + 0.5], axis=1)
-            best = np.full(len(chunk_u), np.inf)
-            for person, distance in placed:
-                landmarks = person["blazepose33"][:, :2]
-                landmark_depth = distance + person["world"][:, 2]
-                squared = ((points[:, None, :] - landmarks[None, :, :]) ** 2).sum(axis=2)
-                weights = 1.0 / (squared + smoothing[id(person)])
-                values = (weights * landmark_depth[None, :]).sum(1) / weights.sum(1)
-                # each mask pixel belongs to the person whose landmarks are nearest to it
-                nearest = squared.min(axis=1)
-                take = nearest < best
-                best[take] = nearest[take]
-                depth[chunk_v[take], chunk_u[take]] = values[take]
+            softening = (0.25 * torso_px) ** 2 + 1.0  # IDW smooth between landmarks, no spikes at them
+            landmark_depth = distance + person["world"][:, 2]
+            squared = ((points[:, None, :] - pixels[None, :, :2]) ** 2).sum(axis=2)
+            weights = 1.0 / (squared + softening)
+            values = (weights * landmark_depth[None, :]).sum(1) / weights.sum(1)
+            # each cell belongs to the person whose landmarks are nearest to it
+            nearest = squared.min(axis=1)
+            take = nearest < nearest_so_far
+            nearest_so_far[take] = nearest[take]
+            depth[v[take], u[take]] = values[take]
         return depth
 
     def __call__(self, images: list, poses: list[dict], masks: list | None = None) -> list[dict]:

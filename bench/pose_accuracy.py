@@ -83,6 +83,9 @@ def main() -> None:
     from annotators.registry import build_annotator
 
     data = Path(args.data)
+    if not (data / "keypoints_coco.json").is_file():
+        print(f"pose_accuracy: skipped, no keypoints_coco.json under {data} (pass --data)")
+        return
     ground_truth = json.loads((data / "keypoints_coco.json").read_text())
     images = ground_truth["images"]
     all_ids = [image["id"] for image in images]
