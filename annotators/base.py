@@ -73,6 +73,22 @@ def to_rgb(image) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
+def map_same_size_batches(images: list[np.ndarray], batch_size: int, predict) -> list:
+    """``predict(list of images) -> list of results`` on batches of same-size images, results in
+    input order. Batching only equal sizes means no padding, so a batch gives the same results
+    as the images one by one."""
+    by_size: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(index)
+    results: list = [None] * len(images)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            for index, result in zip(chunk, predict([images[i] for i in chunk]), strict=True):
+                results[index] = result
+    return results
+
+
 def resolve_weights(config: AnnotatorConfig, allow_patterns: list[str] | None = None) -> str:
     """Local directory/file for ``config.weights``: a path as is, or a hub id from the local cache
     (downloaded only when the hub is online and ``HF_HUB_OFFLINE`` is unset)."""

@@ -13,6 +13,8 @@ REGISTRY: dict[str, str] = {
     "pose-depth": "annotators.derived:PersonDepthFromPose",
     "depth-normal": "annotators.derived:NormalFromDepth",
     "source-caption": "annotators.caption:SourceCaption",
+    "transformers-detector": "annotators.transformers_detection:TransformersPersonDetector",
+    "transformers-depth": "annotators.transformers_depth:TransformersDepth",
 }
 
 
