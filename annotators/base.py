@@ -73,6 +73,17 @@ def to_rgb(image) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
+def keypoints_in_image(keypoints: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Models predict joints beyond the frame; the shards keep only joints inside the image:
+    those outside get score 0 and coordinates clamped to the border."""
+    keypoints = np.array(keypoints, dtype=np.float32, copy=True)
+    outside = (keypoints[:, 0] < 0) | (keypoints[:, 0] > width) | (keypoints[:, 1] < 0) | (keypoints[:, 1] > height)
+    keypoints[outside, 2] = 0.0
+    keypoints[:, 0] = np.clip(keypoints[:, 0], 0, width)
+    keypoints[:, 1] = np.clip(keypoints[:, 1], 0, height)
+    return keypoints
+
+
 def map_same_size_batches(images: list[np.ndarray], batch_size: int, predict) -> list:
     """``predict(list of images) -> list of results`` on batches of same-size images, results in
     input order. Batching only equal sizes means no padding, so a batch gives the same results

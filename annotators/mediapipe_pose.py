@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, keypoints_in_image, to_rgb
 from shards.keypoints import NUM_COCO17
 
 # BlazePose landmark index for every COCO-17 joint.
@@ -48,6 +48,7 @@ class MediaPipePose(Annotator):
     name = "mediapipe-blazepose"
     version = "0.10.21+regions1"
     modality = "pose"
+    inputs = ("boxes",)
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
@@ -105,11 +106,7 @@ class MediaPipePose(Annotator):
             dtype=np.float32,
         )
         world = np.array([[lm.x, lm.y, lm.z] for lm in result.pose_world_landmarks.landmark], dtype=np.float32)
-        keypoints = landmarks[list(BLAZEPOSE_TO_COCO17)].copy()
-        outside = (keypoints[:, 0] < 0) | (keypoints[:, 0] > width) | (keypoints[:, 1] < 0) | (keypoints[:, 1] > height)
-        keypoints[outside, 2] = 0.0
-        keypoints[:, 0] = np.clip(keypoints[:, 0], 0, width)
-        keypoints[:, 1] = np.clip(keypoints[:, 1], 0, height)
+        keypoints = keypoints_in_image(landmarks[list(BLAZEPOSE_TO_COCO17)], width, height)
         visible = keypoints[keypoints[:, 2] > 0.3]
         if len(visible) < 3:
             return None

@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "source-caption": "annotators.caption:SourceCaption",
     "transformers-detector": "annotators.transformers_detection:TransformersPersonDetector",
     "transformers-depth": "annotators.transformers_depth:TransformersDepth",
+    "mmpose": "annotators.mmpose_topdown:MMPoseTopDown",
 }
 
 

@@ -13,8 +13,15 @@ from annotators.registry import build_annotator
 from shards.sample import Sample
 
 # Run order, and the keyword under which each output reaches later annotators (Annotator.inputs).
-STAGES = (("pose", "poses"), ("mask", "masks"), ("depth", "depths"), ("normal", "normals"), ("caption", None))
-MODALITIES = tuple(modality for modality, _ in STAGES)
+STAGES = (
+    ("detection", "boxes"),  # optional: pose annotators then run on the detected person boxes
+    ("pose", "poses"),
+    ("mask", "masks"),
+    ("depth", "depths"),
+    ("normal", "normals"),
+    ("caption", None),
+)
+MODALITIES = ("pose", "mask", "depth", "normal", "caption")  # required in every config
 
 
 class AnnotateStage:
@@ -24,8 +31,13 @@ class AnnotateStage:
         missing = [modality for modality in MODALITIES if modality not in config]
         if missing:
             raise ValueError(f"annotator config lacks modalities {missing}; see configs/annotators.yaml")
+        unknown = set(config) - {modality for modality, _ in STAGES}
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)} in the annotator config")
         self.annotators = {
-            modality: build_annotator(AnnotatorConfig.from_dict(config[modality])) for modality in MODALITIES
+            modality: build_annotator(AnnotatorConfig.from_dict(config[modality]))
+            for modality, _ in STAGES
+            if modality in config
         }
 
     def __call__(self, keys: list[str], images: list, captions: list[str | None], sources: list[str]) -> list[Sample]:
@@ -33,12 +45,18 @@ class AnnotateStage:
         available = {"captions": captions}  # the source captions
         outputs = {}
         for modality, output_name in STAGES:
-            annotator = self.annotators[modality]
-            outputs[modality] = annotator(rgb, **{name: available[name] for name in annotator.inputs})
-            if output_name:
+            annotator = self.annotators.get(modality)
+            if annotator is None:
+                continue
+            # optional inputs (person boxes when no detector is configured) are simply not passed
+            inputs = {name: available[name] for name in annotator.inputs if name in available}
+            outputs[modality] = annotator(rgb, **inputs)
+            if output_name == "boxes":
+                available["boxes"] = [detection["boxes"] for detection in outputs[modality]]
+            elif output_name:
                 available[output_name] = outputs[modality]
         poses, masks, depths, normals, texts = (outputs[modality] for modality in MODALITIES)
-        provenance = {modality: annotator.provenance() for modality, annotator in self.annotators.items()}
+        provenance = {modality: self.annotators[modality].provenance() for modality in MODALITIES}
         samples = []
         for index, key in enumerate(keys):
             annotations = {name: dict(value) for name, value in provenance.items()}

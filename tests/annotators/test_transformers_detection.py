@@ -50,3 +50,18 @@ def test_missing_label_and_missing_weights_are_clear(tiny_yolos, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="set 'weights'"):
         build_annotator("transformers-detector")
+
+
+def test_detector_boxes_drive_the_pose_annotator_in_the_annotate_stage(tiny_yolos):
+    from hyperhuman.config import load_config
+    from hyperhuman.demo import packaged_photos
+    from pipelines.annotate import AnnotateStage
+
+    config = load_config("annotators")["annotators"]
+    config["detection"] = {"name": "transformers-detector", "weights": tiny_yolos, "options": {"threshold": 0.0}}
+    stage = AnnotateStage(config)
+    sample = stage(["k"], [packaged_photos()["astronaut"]], [None], ["test"])[0]
+    assert "detection" not in sample.annotations  # boxes are an input to pose, not stored
+    assert sample.annotations["pose"]["annotator"] == "mediapipe-blazepose"
+    with pytest.raises(ValueError, match="unknown modalities \\['segmentation'\\]"):
+        AnnotateStage({**config, "segmentation": {"name": "mediapipe-selfie"}})
