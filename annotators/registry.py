@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "transformers-detector": "annotators.transformers_detection:TransformersPersonDetector",
     "transformers-depth": "annotators.transformers_depth:TransformersDepth",
     "mmpose": "annotators.mmpose_topdown:MMPoseTopDown",
+    "controlnet-openpose": "annotators.controlnet_aux_openpose:ControlNetAuxOpenPose",
 }
 
 
