@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "transformers-depth": "annotators.transformers_depth:TransformersDepth",
     "mmpose": "annotators.mmpose_topdown:MMPoseTopDown",
     "controlnet-openpose": "annotators.controlnet_aux_openpose:ControlNetAuxOpenPose",
+    "controlnet-normalbae": "annotators.controlnet_aux_normalbae:ControlNetAuxNormalBae",
     "transformers-caption": "annotators.transformers_caption:TransformersCaption",
 }
 

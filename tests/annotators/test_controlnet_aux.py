@@ -51,3 +51,35 @@ def test_openpose18_body_maps_to_coco17():
 def test_missing_files_name_the_weights_key(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="body_pose_model.pth is missing"):
         build_annotator({"name": "controlnet-openpose", "weights": str(tmp_path)})
+
+
+@pytest.fixture(scope="module")
+def normalbae_dir(tmp_path_factory):
+    import types
+
+    from controlnet_aux.normalbae.nets.NNET import NNET
+
+    torch.manual_seed(0)
+    args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )
+    directory = tmp_path_factory.mktemp("normalbae")
+    torch.save({"model": NNET(args).state_dict()}, directory / "scannet.pt")
+    return str(directory)
+
+
+def test_normalbae_gives_unit_normals_at_image_size_with_our_axes(normalbae_dir):
+    options = {"detect_resolution": 64}
+    ours = build_annotator({"name": "controlnet-normalbae", "weights": normalbae_dir, "options": options})
+    raw = build_annotator(
+        {"name": "controlnet-normalbae", "weights": normalbae_dir, "options": {**options, "flip_x": False}}
+    )
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    normal = ours([image])[0]
+    assert normal.shape == (50, 70, 3) and normal.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(normal, axis=2), 1.0, atol=1e-4)
+    unflipped = raw([image])[0]
+    np.testing.assert_allclose(normal[..., 0], -unflipped[..., 0], atol=1e-5)
+    np.testing.assert_allclose(normal[..., 1:], unflipped[..., 1:], atol=1e-5)
+    with pytest.raises(WeightsNotFoundError, match="scannet.pt is missing"):
+        build_annotator({"name": "controlnet-normalbae", "weights": str(normalbae_dir) + "/.."})
