@@ -18,10 +18,23 @@ from __future__ import annotations
 import numpy as np
 
 from annotators.base import Annotator, AnnotatorConfig, keypoints_in_image, to_rgb
-from shards.keypoints import NUM_COCO17
+from shards.keypoints import NUM_COCO17, NUM_WHOLEBODY
 
 # BlazePose landmark index for every COCO-17 joint.
 BLAZEPOSE_TO_COCO17 = (0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28)
+# COCO-WholeBody feet (17-22: left big toe, small toe, heel, right ...) from BlazePose; BlazePose
+# has no small toes (None: score 0).
+BLAZEPOSE_TO_FEET = (31, None, 29, 32, None, 30)
+# The 68 iBUG face points (COCO-WholeBody 23-90) as indices of MediaPipe's 468-point face mesh:
+# jaw, eyebrows, nose bridge, lower nose, eyes, outer and inner lips.
+FACEMESH_TO_FACE68 = (
+    162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,
+    71, 63, 105, 66, 107, 336, 296, 334, 293, 301,
+    168, 197, 5, 4, 75, 97, 2, 326, 305,
+    33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
+    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
+    78, 82, 13, 312, 308, 317, 14, 87,
+)  # fmt: skip
 
 DEFAULT_OPTIONS = {
     "max_people": 5,  # report up to this many; the job's filter keeps images with 1-3
@@ -31,6 +44,9 @@ DEFAULT_OPTIONS = {
     "erase_rounds": 3,  # after each round, grey out the people found so far and look again
     "face_regions": False,  # also look around faces found by the face detector
     "strips": False,  # also look in overlapping left/centre/right strips of the image
+    # MediaPipe Holistic instead of Pose: adds hands, face and feet in COCO-WholeBody-133
+    # (``wholebody``), at ~3x the time.
+    "wholebody": False,
     "region_scale": (6.0, 10.0),  # face box → person region: width, height in face sizes
     "duplicate_distance": 0.15,  # same person if median keypoint distance < this × person size
 }
@@ -59,7 +75,8 @@ class MediaPipePose(Annotator):
         import mediapipe as mp
 
         # model_complexity=1 is the only BlazePose landmark model bundled in the wheel (0 and 2 download).
-        self._pose = mp.solutions.pose.Pose(
+        solution = mp.solutions.holistic.Holistic if self.options["wholebody"] else mp.solutions.pose.Pose
+        self._pose = solution(
             static_image_mode=True,
             model_complexity=1,
             min_detection_confidence=self.options["min_detection_confidence"],
@@ -113,13 +130,39 @@ class MediaPipePose(Annotator):
         (bx0, by0), (bx1, by1) = visible[:, :2].min(0), visible[:, :2].max(0)
         pad_x, pad_y = 0.1 * (bx1 - bx0) + 2, 0.1 * (by1 - by0) + 2
         bbox = [max(0.0, bx0 - pad_x), max(0.0, by0 - pad_y), min(width, bx1 + pad_x), min(height, by1 + pad_y)]
-        return {
+        person = {
             "bbox": [float(v) for v in bbox],
             "score": float(keypoints[:, 2].mean()),
             "keypoints": keypoints,
             "blazepose33": landmarks,
             "world": world,
         }
+        if self.options["wholebody"]:
+            person["wholebody"] = self.wholebody(result, landmarks, keypoints, (x0, y0, x1, y1), width, height)
+        return person
+
+    @staticmethod
+    def wholebody(result, landmarks, keypoints, crop, width: int, height: int) -> np.ndarray:
+        """Holistic's body, feet, face and hands → COCO-WholeBody-133 in image pixels."""
+        x0, y0, x1, y1 = crop
+        points = np.zeros((NUM_WHOLEBODY, 3), dtype=np.float32)
+        points[:NUM_COCO17] = keypoints
+        for offset, index in enumerate(BLAZEPOSE_TO_FEET):
+            if index is not None:
+                points[17 + offset] = landmarks[index]
+
+        def place(start: int, parts, indices) -> None:
+            if parts is None:
+                return  # not found: scores stay 0
+            marks = parts.landmark
+            for offset, index in enumerate(indices):
+                points[start + offset] = (marks[index].x * (x1 - x0) + x0, marks[index].y * (y1 - y0) + y0, 1.0)
+
+        place(23, result.face_landmarks, FACEMESH_TO_FACE68)
+        # Holistic's hands are found from the pose's wrists: left = the person's left, as in COCO.
+        place(91, result.left_hand_landmarks, range(21))
+        place(112, result.right_hand_landmarks, range(21))
+        return keypoints_in_image(points, width, height)
 
     def _same_person(self, a: dict, b: dict) -> bool:
         both = (a["keypoints"][:, 2] > 0.3) & (b["keypoints"][:, 2] > 0.3)
@@ -181,3 +224,25 @@ class MediaPipePose(Annotator):
 
 
 assert len(BLAZEPOSE_TO_COCO17) == NUM_COCO17
+
+
+class MediaPipePersonBoxes(MediaPipePose):
+    """Offline default person detector: the boxes of the people the BlazePose search finds
+    (BlazePose's own detector, run as above), scored by mean keypoint visibility."""
+
+    name = "mediapipe-blazepose-boxes"
+    modality = "detection"
+    inputs = ()
+
+    def __call__(self, images: list) -> list[dict]:
+        """Per image: ``{"boxes": (N, 4) x0 y0 x1 y1 pixels, "scores": (N,)}``, best first."""
+        results = []
+        for pose in super().__call__(images):
+            people = pose["people"]
+            results.append(
+                {
+                    "boxes": np.array([person["bbox"] for person in people], dtype=np.float32).reshape(-1, 4),
+                    "scores": np.array([person["score"] for person in people], dtype=np.float32),
+                }
+            )
+        return results

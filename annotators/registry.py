@@ -9,6 +9,7 @@ from annotators.base import Annotator, AnnotatorConfig
 # name → "module:Class"; imported only when built, so unused model families cost nothing.
 REGISTRY: dict[str, str] = {
     "mediapipe-pose": "annotators.mediapipe_pose:MediaPipePose",
+    "mediapipe-person-boxes": "annotators.mediapipe_pose:MediaPipePersonBoxes",
     "mediapipe-selfie": "annotators.mediapipe_segmentation:MediaPipeSelfieMask",
     "pose-depth": "annotators.derived:PersonDepthFromPose",
     "depth-normal": "annotators.derived:NormalFromDepth",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from annotators.registry import build_annotator
 from hyperhuman.demo import packaged_photos
@@ -97,3 +98,43 @@ def test_unknown_options_and_names_are_refused():
         build_annotator({"name": "mediapipe-pose", "options": {"erase": 1}})
     with pytest.raises(ValueError, match="unknown annotator 'vitpose-h'"):
         build_annotator("vitpose-h")
+
+
+@pytest.fixture(scope="module")
+def holistic_annotator():
+    annotator = build_annotator({"name": "mediapipe-pose", "options": {"wholebody": True, "erase_rounds": 0}})
+    yield annotator
+    annotator.close()
+
+
+def test_wholebody_face_lands_on_the_face(holistic_annotator, photos):
+    person = holistic_annotator([photos["astronaut"]])[0]["people"][0]
+    wholebody = person["wholebody"]
+    assert wholebody.shape == (133, 3)
+    np.testing.assert_array_equal(wholebody[:17], person["keypoints"])
+    face = wholebody[23:91]
+    assert (face[:, 2] > 0).sum() == 68
+    nose_tip = face[30]  # iBUG point 31 (0-based 30): tip of the nose
+    assert np.linalg.norm(nose_tip[:2] - person["keypoints"][NOSE, :2]) < 15
+    assert (wholebody[[18, 21], 2] == 0).all()  # BlazePose has no small toes
+
+
+def test_wholebody_hands_sit_on_the_same_side_wrists(holistic_annotator, shared_humans):
+    image = np.asarray(Image.open(shared_humans / "images" / "dwpose_cn11_m2.jpg").convert("RGB"))
+    person = holistic_annotator([image])[0]["people"][0]
+    wholebody = person["wholebody"]
+    for hand_start, wrist, other_wrist in ((91, 9, 10), (112, 10, 9)):
+        assert wholebody[hand_start, 2] > 0, "hand not found"
+        same = np.linalg.norm(wholebody[hand_start, :2] - wholebody[wrist, :2])
+        other = np.linalg.norm(wholebody[hand_start, :2] - wholebody[other_wrist, :2])
+        assert same < 20 and same < other / 5
+
+
+def test_offline_person_boxes_cover_the_person(photos):
+    detector = build_annotator("mediapipe-person-boxes")
+    result = detector([photos["astronaut"], np.zeros((64, 64, 3), np.uint8)])
+    boxes, scores = result[0]["boxes"], result[0]["scores"]
+    assert boxes.shape == (1, 4) and scores.shape == (1,) and detector.modality == "detection"
+    x0, y0, x1, y1 = boxes[0]
+    assert x0 < 230 < x1 and y0 < 200 < y1  # her face is inside
+    assert result[1]["boxes"].shape == (0, 4)  # nobody in a black image
