@@ -77,6 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "humans"))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS")
+    parser.add_argument(
+        "--annotator",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help='also evaluate an annotator config, e.g. rtmpose=\'{"name": "mmpose", "weights": "/ckpt.pth", '
+        '"options": {"config": "body_2d_keypoint/rtmpose/coco/rtmpose-m_8xb256-420e_coco-256x192.py"}}\'',
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "pose_accuracy.json"))
     args = parser.parse_args()
 
@@ -94,10 +102,13 @@ def main() -> None:
         formats.setdefault(annotation["image_id"], set()).add(annotation["kpt_source_format"])
     native_ids = [image_id for image_id in all_ids if formats.get(image_id) == {"coco17"}]
 
+    configs = {variant: {"name": VARIANTS[variant][0], "options": VARIANTS[variant][1]} for variant in args.variants}
+    for entry in args.annotator:
+        label, _, config = entry.partition("=")
+        configs[label] = json.loads(config)
     results = {}
-    for variant in args.variants:
-        registry_name, options = VARIANTS[variant]
-        annotator = build_annotator({"name": registry_name, "options": options})
+    for variant, config in configs.items():
+        annotator = build_annotator(config)
         detections, latencies = run_annotator(annotator, images, data)
         results[variant] = {
             "all": coco_eval(ground_truth, detections, all_ids),
