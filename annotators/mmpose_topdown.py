@@ -13,28 +13,21 @@ box. 17-keypoint models fill ``keypoints``; 133-keypoint (COCO-WholeBody) models
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, WeightsNotFoundError, keypoints_in_image, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, keypoints_in_image, to_rgb
+from annotators.mmdet_detection import require_checkpoint, shipped_config
 from shards.keypoints import NUM_COCO17, NUM_WHOLEBODY
 
 DEFAULT_OPTIONS = {"config": None}
 
 
 def mmpose_config_path(config: str) -> str:
-    if os.path.isfile(config):
-        return config
-    package_dir = importlib.util.find_spec("mmpose").submodule_search_locations[0]
-    shipped = os.path.join(package_dir, ".mim", "configs", config)
-    if os.path.isfile(shipped):
-        return shipped
-    raise FileNotFoundError(
-        f"MMPose config {config!r} is neither a file nor under mmpose's configs ({os.path.dirname(shipped)}); "
-        "set options.config, e.g. body_2d_keypoint/rtmpose/coco/rtmpose-m_8xb256-420e_coco-256x192.py"
-    )
+    return shipped_config("mmpose", config)
 
 
 class MMPoseTopDown(Annotator):
@@ -50,15 +43,11 @@ class MMPoseTopDown(Annotator):
             raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
         if not config.options.get("config"):
             raise ValueError(f"annotator {config.name!r} needs options.config: an MMPose config file")
-        if not config.weights or not os.path.isfile(config.weights):
-            raise WeightsNotFoundError(
-                f"annotator {config.name!r} needs a checkpoint file: set 'weights' to the .pth of "
-                f"{config.options['config']} (got {config.weights!r})"
-            )
+        checkpoint = require_checkpoint(config, config.options["config"])
         from mmpose.apis import init_model
 
         self.config_path = mmpose_config_path(config.options["config"])
-        self.model = init_model(self.config_path, config.weights, device=config.device)
+        self.model = init_model(self.config_path, checkpoint, device=config.device)
         self.num_keypoints = int(self.model.dataset_meta["num_keypoints"])
         if self.num_keypoints not in (NUM_COCO17, NUM_WHOLEBODY):
             raise ValueError(
@@ -97,3 +86,19 @@ class MMPoseTopDown(Annotator):
             self.annotate_one(to_rgb(image), None if boxes is None else boxes[index])
             for index, image in enumerate(images)
         ]
+
+
+class DWPose(MMPoseTopDown):
+    """DWPose (Yang et al. 2023): RTMPose-l whole-body distilled on UBody-COCO, as ControlNet's
+    DWPose preprocessor runs it. ``weights`` is ``dw-ll_ucoco_384.pth``; the config defaults to
+    the one controlnet-aux ships. Pair it with a detection stage (``mmdet-detector`` with YOLOX-L
+    reproduces ControlNet's preprocessor)."""
+
+    name = "dwpose"
+
+    def __init__(self, config: AnnotatorConfig):
+        if not config.options.get("config"):
+            package_dir = importlib.util.find_spec("controlnet_aux").submodule_search_locations[0]
+            shipped = os.path.join(package_dir, "dwpose", "dwpose_config", "dwpose-l_384x288.py")
+            config = dataclasses.replace(config, options={**config.options, "config": shipped})
+        super().__init__(config)

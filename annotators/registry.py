@@ -17,6 +17,8 @@ REGISTRY: dict[str, str] = {
     "transformers-detector": "annotators.transformers_detection:TransformersPersonDetector",
     "transformers-depth": "annotators.transformers_depth:TransformersDepth",
     "mmpose": "annotators.mmpose_topdown:MMPoseTopDown",
+    "dwpose": "annotators.mmpose_topdown:DWPose",
+    "mmdet-detector": "annotators.mmdet_detection:MMDetPersonDetector",
     "controlnet-openpose": "annotators.controlnet_aux_openpose:ControlNetAuxOpenPose",
     "controlnet-normalbae": "annotators.controlnet_aux_normalbae:ControlNetAuxNormalBae",
     "transformers-caption": "annotators.transformers_caption:TransformersCaption",

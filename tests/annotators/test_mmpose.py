@@ -1,6 +1,9 @@
 """MMPose top-down at real architecture (RTMPose-t / RTMW-m configs shipped in mmpose) with
 random weights saved as a checkpoint and loaded through the same code path as real weights."""
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +73,45 @@ def test_missing_checkpoint_and_config_are_clear(tmp_path):
     (tmp_path / "x.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="neither a file nor under mmpose's configs"):
         build_annotator({"name": "mmpose", "weights": str(tmp_path / "x.pth"), "options": {"config": "nope.py"}})
+
+
+YOLOX_TINY = "yolox/yolox_tiny_8xb8-300e_coco.py"
+
+
+def test_mmdet_detector_boxes_feed_dwpose(tmp_path):
+    """YOLOX (tiny) + DWPose (the controlnet-aux config, RTMPose-l whole-body) at real
+    architecture, random weights: the ControlNet DWPose preprocessor's two stages."""
+    from mmdet.apis import init_detector
+
+    from annotators.mmdet_detection import shipped_config
+
+    torch.manual_seed(0)
+    detector_model = init_detector(shipped_config("mmdet", YOLOX_TINY), None, device="cpu")
+    torch.save({"state_dict": detector_model.state_dict()}, tmp_path / "yolox.pth")
+    detector = build_annotator(
+        {
+            "name": "mmdet-detector",
+            "weights": str(tmp_path / "yolox.pth"),
+            "options": {"config": YOLOX_TINY, "threshold": 0.0, "max_people": 3},
+        }
+    )
+    image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    detections = detector([image])[0]
+    assert detections["boxes"].shape[1] == 4 and 0 < len(detections["boxes"]) <= 3
+    assert (np.diff(detections["scores"]) <= 0).all()
+    assert (detections["boxes"][:, [0, 2]] <= 160).all() and (detections["boxes"][:, [1, 3]] <= 120).all()
+
+    shipped = os.path.join(
+        importlib.util.find_spec("controlnet_aux").submodule_search_locations[0], "dwpose", "dwpose_config"
+    )
+    checkpoint = random_checkpoint(os.path.join(shipped, "dwpose-l_384x288.py"), tmp_path / "dw-ll_ucoco_384.pth")
+    dwpose = build_annotator({"name": "dwpose", "weights": checkpoint})
+    pose = dwpose([image], boxes=[detections["boxes"]])[0]
+    assert len(pose["people"]) == len(detections["boxes"])
+    assert all(person["wholebody"].shape == (133, 3) for person in pose["people"])
+    assert dwpose.provenance()["annotator"] == "dwpose"
+
+
+def test_mmdet_missing_checkpoint_is_clear():
+    with pytest.raises(WeightsNotFoundError, match="needs a checkpoint file"):
+        build_annotator({"name": "mmdet-detector", "options": {"config": YOLOX_TINY}})
