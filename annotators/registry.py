@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "mmdet-detector": "annotators.mmdet_detection:MMDetPersonDetector",
     "controlnet-openpose": "annotators.controlnet_aux_openpose:ControlNetAuxOpenPose",
     "controlnet-normalbae": "annotators.controlnet_aux_normalbae:ControlNetAuxNormalBae",
+    "controlnet-midas": "annotators.controlnet_aux_midas:ControlNetAuxMidas",
     "transformers-caption": "annotators.transformers_caption:TransformersCaption",
 }
 

@@ -83,3 +83,23 @@ def test_normalbae_gives_unit_normals_at_image_size_with_our_axes(normalbae_dir)
     np.testing.assert_allclose(normal[..., 1:], unflipped[..., 1:], atol=1e-5)
     with pytest.raises(WeightsNotFoundError, match="scannet.pt is missing"):
         build_annotator({"name": "controlnet-normalbae", "weights": str(normalbae_dir) + "/.."})
+
+
+@pytest.mark.slow
+def test_midas_dpt_hybrid_gives_float_disparity_at_image_size(tmp_path):
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+
+    torch.manual_seed(0)
+    model = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True)
+    torch.save(model.state_dict(), tmp_path / "dpt_hybrid-midas-501f0c75.pt")
+    del model
+    annotator = build_annotator(
+        {"name": "controlnet-midas", "weights": str(tmp_path), "options": {"detect_resolution": 64}}
+    )
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    result = annotator([image])[0]
+    assert result["kind"] == "relative_inverse"
+    assert result["depth"].shape == (50, 70) and result["depth"].dtype == np.float32
+    assert (result["depth"] >= 0).all()  # MiDaS is built non-negative
+    with pytest.raises(WeightsNotFoundError, match="dpt_large-midas-2f21e586.pt is missing"):
+        build_annotator({"name": "controlnet-midas", "weights": str(tmp_path), "options": {"model_type": "dpt_large"}})
