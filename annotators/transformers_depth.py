@@ -1,14 +1,17 @@
 """Monocular depth with a transformers depth-estimation model (DPT, Depth Anything, ...).
 
 Load from a local directory or hub id (e.g. ``Intel/dpt-hybrid-midas``,
-``depth-anything/Depth-Anything-V2-Small-hf`` downloaded beforehand). These models predict
+``depth-anything/Depth-Anything-V2-Small-hf``, ``Intel/zoedepth-nyu-kitti`` downloaded
+beforehand). These models predict
 *relative inverse depth* (disparity up to scale and shift), recorded as kind
-``relative_inverse``; metric checkpoints (e.g. Depth Anything metric) set ``options.kind``
-to ``metric_m``. The prediction is resized to the input image with the processor's own
+``relative_inverse``; metric checkpoints (ZoeDepth, Depth Anything metric) set
+``options.kind`` to ``metric_m``. The prediction is resized to the input image with the processor's own
 post-processing.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 
@@ -44,7 +47,12 @@ class TransformersDepth(Annotator):
         with torch.inference_mode():
             outputs = self.model(**inputs)
         sizes = [image.shape[:2] for image in images]
-        predictions = self.processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+        post_process = self.processor.post_process_depth_estimation
+        if "source_sizes" in inspect.signature(post_process).parameters:
+            # ZoeDepth pads its input and needs the source sizes to remove the padding
+            predictions = post_process(outputs, source_sizes=sizes, target_sizes=sizes)
+        else:
+            predictions = post_process(outputs, target_sizes=sizes)
         return [prediction["predicted_depth"].float().cpu().numpy() for prediction in predictions]
 
     def __call__(self, images: list) -> list[dict]:

@@ -45,3 +45,26 @@ def test_model_depth_feeds_the_annotate_stage(tiny_dpt, tmp_path):
     assert samples[0].annotations["depth"]["kind"] == "relative_inverse"
     assert samples[0].annotations["depth"]["weights"] == tiny_dpt
     assert samples[0].normal.shape == (40, 60, 3)
+
+
+def test_zoedepth_metric_depth_at_image_size(tmp_path):
+    from transformers import BeitConfig, ZoeDepthConfig, ZoeDepthForDepthEstimation, ZoeDepthImageProcessor
+
+    backbone = BeitConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
+        patch_size=8, out_indices=[1, 2, 3, 4], use_relative_position_bias=True, reshape_hidden_states=False,
+    )  # fmt: skip
+    config = ZoeDepthConfig(
+        backbone_config=backbone, backbone_hidden_size=32, neck_hidden_sizes=[8, 16, 16, 16],
+        fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], bottleneck_features=16,
+        num_attractors=[4, 4, 4, 4], bin_embedding_dim=16, num_relative_features=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ZoeDepthForDepthEstimation(config).save_pretrained(tmp_path)
+    ZoeDepthImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(tmp_path)
+    annotator = build_annotator(
+        {"name": "transformers-depth", "weights": str(tmp_path), "options": {"kind": "metric_m"}}
+    )
+    result = annotator([np.full((50, 70, 3), 100, np.uint8)])[0]
+    assert result["kind"] == "metric_m" and result["depth"].shape == (50, 70)
+    assert np.isfinite(result["depth"]).all() and (result["depth"] > 0).all()
