@@ -132,9 +132,17 @@ class Annotator:
     # Other annotations this annotator consumes, passed as keyword arguments of the same name
     # ("boxes", "poses", "masks", "depths", "captions"); the annotate stage supplies them.
     inputs: ClassVar[tuple[str, ...]] = ()
+    # Every option the annotator understands, with its default; anything else is refused.
+    default_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: AnnotatorConfig):
+        unknown = set(config.options) - set(self.default_options)
+        if unknown:
+            raise ValueError(
+                f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(self.default_options)}"
+            )
         self.config = config
+        self.options = {**self.default_options, **config.options}
 
     @property
     def weights_id(self) -> str:

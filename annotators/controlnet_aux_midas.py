@@ -25,14 +25,11 @@ class ControlNetAuxMidas(Annotator):
     name = "controlnet-aux-midas"
     version = "0.0.10"
     modality = "depth"
+    default_options = DEFAULT_OPTIONS
     kind = "relative_inverse"
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         model_type = self.options["model_type"]
         if model_type not in CHECKPOINTS:
             raise ValueError(f"options.model_type must be one of {sorted(CHECKPOINTS)}, got {model_type!r}")

@@ -25,13 +25,10 @@ class ControlNetAuxNormalBae(Annotator):
     name = "controlnet-aux-normalbae"
     version = "0.0.10"
     modality = "normal"
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         directory = resolve_weights(config, allow_patterns=[CHECKPOINT])
         path = os.path.join(directory, CHECKPOINT)
         if not os.path.isfile(path):

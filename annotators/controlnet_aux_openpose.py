@@ -59,13 +59,10 @@ class ControlNetAuxOpenPose(Annotator):
     name = "controlnet-aux-openpose"
     version = "0.0.10"
     modality = "pose"
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         directory = resolve_weights(config, allow_patterns=list(FILES.values()))
         needed = ["body"] + [part for part in ("hands", "face") if self.options[part]]
         for part in needed:

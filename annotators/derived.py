@@ -57,10 +57,11 @@ class NormalFromDepth(Annotator):
     version = "1"
     modality = "normal"
     inputs = ("depths",)
+    default_options = {"fov_deg": DEFAULT_FOV_DEG}
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        self.fov_deg = float(config.options.get("fov_deg", DEFAULT_FOV_DEG))
+        self.fov_deg = float(self.options["fov_deg"])
 
     @property
     def weights_id(self) -> str:
@@ -91,12 +92,17 @@ class PersonDepthFromPose(Annotator):
     modality = "depth"
     inputs = ("poses", "masks")
     kind = "coarse_metric_m_from_pose"
+    default_options = {
+        "fov_deg": DEFAULT_FOV_DEG,
+        "background_factor": 1.5,  # background plane at this times the farthest person
+        "grid_size": 128,  # interpolation grid, pixels per side (upsampled to the image)
+    }
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        self.fov_deg = float(config.options.get("fov_deg", DEFAULT_FOV_DEG))
-        self.background_factor = float(config.options.get("background_factor", 1.5))
-        self.grid_size = int(config.options.get("grid_size", 128))
+        self.fov_deg = float(self.options["fov_deg"])
+        self.background_factor = float(self.options["background_factor"])
+        self.grid_size = int(self.options["grid_size"])
 
     @property
     def weights_id(self) -> str:

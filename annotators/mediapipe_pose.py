@@ -65,13 +65,10 @@ class MediaPipePose(Annotator):
     version = "0.10.21+regions1"
     modality = "pose"
     inputs = ("boxes",)
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         import mediapipe as mp
 
         # model_complexity=1 is the only BlazePose landmark model bundled in the wheel (0 and 2 download).

@@ -16,13 +16,10 @@ class MediaPipeSelfieMask(Annotator):
     name = "mediapipe-selfie-segmentation"
     version = "0.10.21"
     modality = "mask"
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         if self.options["model_selection"] not in (0, 1):
             raise ValueError(f"model_selection must be 0 or 1, got {self.options['model_selection']}")
         import mediapipe as mp

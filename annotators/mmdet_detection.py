@@ -47,13 +47,10 @@ class MMDetPersonDetector(Annotator):
     name = "mmdet-person-detector"
     version = "3.3.0"
     modality = "detection"
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         if not self.options["config"]:
             raise ValueError(f"annotator {config.name!r} needs options.config: an MMDetection config file")
         checkpoint = require_checkpoint(config, self.options["config"])

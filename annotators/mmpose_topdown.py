@@ -35,18 +35,16 @@ class MMPoseTopDown(Annotator):
     version = "1.3.2"
     modality = "pose"
     inputs = ("boxes",)
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        if not config.options.get("config"):
+        if not self.options["config"]:
             raise ValueError(f"annotator {config.name!r} needs options.config: an MMPose config file")
-        checkpoint = require_checkpoint(config, config.options["config"])
+        checkpoint = require_checkpoint(config, self.options["config"])
         from mmpose.apis import init_model
 
-        self.config_path = mmpose_config_path(config.options["config"])
+        self.config_path = mmpose_config_path(self.options["config"])
         self.model = init_model(self.config_path, checkpoint, device=config.device)
         self.num_keypoints = int(self.model.dataset_meta["num_keypoints"])
         if self.num_keypoints not in (NUM_COCO17, NUM_WHOLEBODY):

@@ -20,13 +20,10 @@ class TransformersCaption(Annotator):
     version = "1"
     modality = "caption"
     inputs = ("captions",)
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.options = {**DEFAULT_OPTIONS, **config.options}
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -24,13 +24,11 @@ class TransformersDepth(Annotator):
     name = "transformers-depth"
     version = "1"
     modality = "depth"
+    default_options = DEFAULT_OPTIONS
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        unknown = set(config.options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown options {sorted(unknown)} for {config.name}; allowed: {sorted(DEFAULT_OPTIONS)}")
-        self.kind = {**DEFAULT_OPTIONS, **config.options}["kind"]
+        self.kind = self.options["kind"]
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
