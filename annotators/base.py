@@ -123,6 +123,18 @@ def resolve_weights(config: AnnotatorConfig, allow_patterns: list[str] | None = 
         ) from exc
 
 
+def load_transformers(config: AnnotatorConfig, model_class: str, processor_class: str = "AutoImageProcessor"):
+    """``(processor, model)`` of a transformers checkpoint named by ``config.weights``, in
+    ``config.dtype`` on ``config.device``, in eval mode."""
+    import torch
+    import transformers
+
+    path = resolve_weights(config)
+    processor = getattr(transformers, processor_class).from_pretrained(path)
+    model = getattr(transformers, model_class).from_pretrained(path, dtype=getattr(torch, config.dtype))
+    return processor, model.to(config.device).eval()
+
+
 class Annotator:
     """Base class: subclasses set ``name``/``version``/``modality`` and implement ``__call__``."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, map_same_size_batches, resolve_weights, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, load_transformers, map_same_size_batches, to_rgb
 
 DEFAULT_OPTIONS = {"max_new_tokens": 40, "num_beams": 1, "prompt": None, "keep_source": False}
 
@@ -24,13 +24,7 @@ class TransformersCaption(Annotator):
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        path = resolve_weights(config)
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, config.dtype))
-        self.model.to(config.device).eval()
+        self.processor, self.model = load_transformers(config, "AutoModelForImageTextToText", "AutoProcessor")
 
     def _caption(self, images: list[np.ndarray]) -> list[str]:
         import torch

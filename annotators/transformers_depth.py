@@ -15,7 +15,7 @@ import inspect
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, map_same_size_batches, resolve_weights, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, load_transformers, map_same_size_batches, to_rgb
 
 DEFAULT_OPTIONS = {"kind": "relative_inverse"}
 
@@ -29,13 +29,7 @@ class TransformersDepth(Annotator):
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
         self.kind = self.options["kind"]
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-        path = resolve_weights(config)
-        self.processor = AutoImageProcessor.from_pretrained(path)
-        self.model = AutoModelForDepthEstimation.from_pretrained(path, dtype=getattr(torch, config.dtype))
-        self.model.to(config.device).eval()
+        self.processor, self.model = load_transformers(config, "AutoModelForDepthEstimation")
 
     def _predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         import torch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, map_same_size_batches, resolve_weights, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, load_transformers, map_same_size_batches, to_rgb
 
 DEFAULT_OPTIONS = {"threshold": 0.5, "label": "person"}
 
@@ -23,13 +23,7 @@ class TransformersPersonDetector(Annotator):
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-        path = resolve_weights(config)
-        self.processor = AutoImageProcessor.from_pretrained(path)
-        self.model = AutoModelForObjectDetection.from_pretrained(path, dtype=getattr(torch, config.dtype))
-        self.model.to(config.device).eval()
+        self.processor, self.model = load_transformers(config, "AutoModelForObjectDetection")
         labels = {name.lower(): index for index, name in self.model.config.id2label.items()}
         if self.options["label"] not in labels:
             raise ValueError(
