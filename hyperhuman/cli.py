@@ -75,6 +75,26 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    from pipelines.job import run_job
+
+    config = load_config(args.config, args.overrides)
+    report = run_job(
+        args.source,
+        args.output,
+        config,
+        address=args.address,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+    )
+    counts = report["counts"]
+    print(f"[annotate] {args.output}: {report['samples']} samples in {report['shards']} shard(s); rows {counts}")
+    for rule, count in sorted(report["rejections_per_rule_this_run"].items()):
+        print(f"[annotate]   {rule}: {count}")
+    print(f"[annotate] times (s): {report['time_s']}; report in {args.output}/report.json")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hyperhuman.demo import run_demo
 
@@ -104,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_config_options(inspect, "shards")
     inspect.set_defaults(func=_shards_inspect)
+
+    annotate = commands.add_parser("annotate", help="the Ray Data annotation job: images in, HumanVerse shards out")
+    annotate.add_argument(
+        "source", help="a folder of images, a URL list (parquet/csv/tsv/jsonl[.gz]) or webdataset tars"
+    )
+    annotate.add_argument("output", help="output dataset root (any fsspec URL)")
+    annotate.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    annotate.add_argument("--overwrite", action="store_true", help="rewrite every shard, even with changed settings")
+    annotate.add_argument("--retry-failed", action="store_true", help="redo partitions with transient failures")
+    _add_config_options(annotate, "annotate/offline")
+    annotate.set_defaults(func=_annotate)
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on offline defaults (make demo)")
     demo.add_argument("--output", default="demo_output", help="where the demo writes (default: demo_output)")

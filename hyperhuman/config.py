@@ -21,9 +21,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def config_path(name_or_path: str) -> Path:
-    """``shards`` → ``configs/shards.yaml``; anything with a suffix or a slash is a path."""
+    """``shards`` → ``configs/shards.yaml``, ``annotate/offline`` → ``configs/annotate/offline.yaml``;
+    a name ending in ``.yaml``/``.yml`` is a path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+    if path.suffix in (".yaml", ".yml"):
         return path
     return CONFIG_DIR / f"{name_or_path}.yaml"
 

@@ -8,6 +8,8 @@ actor so models load once per worker.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from annotators.base import AnnotatorConfig, to_rgb
 from annotators.registry import build_annotator
 from shards.sample import Sample
@@ -22,6 +24,12 @@ STAGES = (
     ("caption", None),
 )
 MODALITIES = ("pose", "mask", "depth", "normal", "caption")  # required in every config
+
+
+@dataclass(frozen=True)
+class Rejection:
+    rule: str
+    reason: str
 
 
 class AnnotateStage:
@@ -40,39 +48,58 @@ class AnnotateStage:
             if modality in config
         }
 
-    def __call__(self, keys: list[str], images: list, captions: list[str | None], sources: list[str]) -> list[Sample]:
+    def __call__(
+        self,
+        keys: list[str],
+        images: list,
+        captions: list[str | None],
+        sources: list[str],
+        select=None,
+    ) -> list[Sample | Rejection]:
+        """Annotate a batch. ``select(index, pose, mask)`` may return a :class:`Rejection` after
+        the people stages (detection, pose, mask); rejected images skip the other annotators."""
         rgb = [to_rgb(image) for image in images]
-        available = {"captions": captions}  # the source captions
-        outputs = {}
+        available = {"captions": list(captions)}  # the source captions
+        outputs: dict[str, list] = {}
+        kept = list(range(len(rgb)))
+        rejections: dict[int, Rejection] = {}
         for modality, output_name in STAGES:
+            if modality == "depth" and select is not None:
+                for index in list(kept):
+                    position = kept.index(index)
+                    rejection = select(index, outputs["pose"][position], outputs["mask"][position])
+                    if rejection is not None:
+                        rejections[index] = rejection
+                survivors = [position for position, index in enumerate(kept) if index not in rejections]
+                kept = [kept[position] for position in survivors]
+                outputs = {name: [values[p] for p in survivors] for name, values in outputs.items()}
+                available = {name: [values[p] for p in survivors] for name, values in available.items()}
             annotator = self.annotators.get(modality)
-            if annotator is None:
+            if annotator is None or not kept:
                 continue
             # optional inputs (person boxes when no detector is configured) are simply not passed
             inputs = {name: available[name] for name in annotator.inputs if name in available}
-            outputs[modality] = annotator(rgb, **inputs)
+            outputs[modality] = annotator([rgb[index] for index in kept], **inputs)
             if output_name == "boxes":
                 available["boxes"] = [detection["boxes"] for detection in outputs[modality]]
             elif output_name:
                 available[output_name] = outputs[modality]
-        poses, masks, depths, normals, texts = (outputs[modality] for modality in MODALITIES)
         provenance = {modality: self.annotators[modality].provenance() for modality in MODALITIES}
-        samples = []
-        for index, key in enumerate(keys):
+        results: list[Sample | Rejection] = [rejections.get(index) for index in range(len(rgb))]
+        for position, index in enumerate(kept):
+            pose, depth = outputs["pose"][position], outputs["depth"][position]
             annotations = {name: dict(value) for name, value in provenance.items()}
-            annotations["depth"]["kind"] = depths[index]["kind"]
-            samples.append(
-                Sample(
-                    key=key,
-                    image=images[index] if isinstance(images[index], bytes) else rgb[index],
-                    caption=texts[index],
-                    source=sources[index],
-                    pose=poses[index],
-                    depth=depths[index]["depth"],
-                    normal=normals[index],
-                    mask=masks[index],
-                    annotations=annotations,
-                    meta={"num_people": len(poses[index]["people"])},
-                )
+            annotations["depth"]["kind"] = depth["kind"]
+            results[index] = Sample(
+                key=keys[index],
+                image=images[index] if isinstance(images[index], bytes) else rgb[index],
+                caption=outputs["caption"][position],
+                source=sources[index],
+                pose=pose,
+                depth=depth["depth"],
+                normal=outputs["normal"][position],
+                mask=outputs["mask"][position],
+                annotations=annotations,
+                meta={"num_people": len(pose["people"])},
             )
-        return samples
+        return results

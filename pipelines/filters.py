@@ -1,0 +1,43 @@
+"""HumanVerse filters. Each returns None (keep) or the rule name + reason of the rejection,
+so the job can count rejections per rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_FILTERS = {
+    "min_side": 200,  # shorter image side, pixels
+    "max_aspect": 3.0,  # longer side / shorter side
+    "min_people": 1,
+    "max_people": 3,
+    "min_person_area": 0.15,  # fraction of the image covered by the person mask (> 50%)
+}
+
+
+def check_filters(options: dict) -> dict:
+    unknown = set(options) - set(DEFAULT_FILTERS)
+    if unknown:
+        raise ValueError(f"unknown filters {sorted(unknown)}; known: {sorted(DEFAULT_FILTERS)}")
+    return {**DEFAULT_FILTERS, **options}
+
+
+def image_rule(rgb: np.ndarray, options: dict) -> tuple[str, str] | None:
+    height, width = rgb.shape[:2]
+    if min(width, height) < options["min_side"]:
+        return "min_side", f"image is {width}x{height}, shorter side below {options['min_side']} px"
+    aspect = max(width, height) / min(width, height)
+    if aspect > options["max_aspect"]:
+        return "max_aspect", f"aspect ratio {aspect:.2f} above {options['max_aspect']}"
+    return None
+
+
+def people_rule(pose: dict, mask: np.ndarray, options: dict) -> tuple[str, str] | None:
+    count = len(pose["people"])
+    if count < options["min_people"]:
+        return "min_people", f"{count} people found, fewer than {options['min_people']}"
+    if count > options["max_people"]:
+        return "max_people", f"{count} people found, more than {options['max_people']}"
+    area = float((np.asarray(mask) > 127).mean())
+    if area < options["min_person_area"]:
+        return "min_person_area", f"people cover {area:.1%} of the image, less than {options['min_person_area']:.0%}"
+    return None

@@ -1,0 +1,156 @@
+"""The annotation job end to end on Ray Data: real photos, a faulty local HTTP server, resume."""
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hyperhuman.config import load_config
+from hyperhuman.demo import packaged_photos
+from pipelines.job import run_job
+from shards.reader import complete_shard_urls, read_shard
+from shards.validate import validate
+
+LENIENT = {"min_side": 64, "min_person_area": 0.0}
+
+
+def job_config(**overrides):
+    config = load_config("annotate/offline")
+    config["filters"].update(LENIENT)
+    config["fetch"].update({"timeout_s": 0.5, "retries": 1, "backoff_s": 0.01, "max_bytes": 200_000})
+    config.update(overrides)
+    return config
+
+
+def all_rows(output):
+    rows = []
+    for path in sorted(output.glob("*.parquet")):
+        rows += pq.read_table(path).to_pylist()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory, shared_humans):
+    folder = tmp_path_factory.mktemp("photos")
+    for path in sorted((shared_humans / "images").glob("*.jpg"))[:5]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "astronaut.png").write_bytes(_png(packaged_photos()["astronaut"]))
+    (folder / "astronaut.txt").write_text("an astronaut\n")
+    return folder
+
+
+def _png(rgb):
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_folder_job_writes_valid_annotated_shards_and_resumes(photo_folder, tmp_path, ray_session):
+    output = tmp_path / "out"
+    report = run_job(str(photo_folder), str(output), job_config(partition_size=2))
+    assert validate(str(output)) == []
+    rows = all_rows(output)
+    assert len(rows) == 6 and report["partitions_written_this_run"] == 3
+    kept = [sample for url in complete_shard_urls(str(output)) for sample in read_shard(url)]
+    assert len(kept) == report["samples"] >= 3
+    for sample in kept:
+        assert {"jpg", "txt", "json", "pose.json", "depth.png", "normal.png", "mask.png"} <= set(sample)
+        assert set(sample["json"]["annotations"]) == {"pose", "mask", "depth", "normal", "caption"}
+    astronaut = next(s for s in kept if s["json"]["source"].endswith("astronaut.png"))
+    assert astronaut["txt"] == "an astronaut"
+    assert json.loads((output / "report.json").read_text())["counts"] == report["counts"]
+
+    # Resume: a partition without its final marker is redone; complete ones are skipped.
+    keys_before = sorted(row["key"] for row in rows)
+    (output / "000001-0000_stats.json").unlink()
+    again = run_job(str(photo_folder), str(output), job_config(partition_size=2))
+    assert again["partitions_written_this_run"] == 1
+    assert sorted(row["key"] for row in all_rows(output)) == keys_before
+    assert validate(str(output)) == []
+
+    # A different config would mix incompatible shards: refused unless --overwrite.
+    with pytest.raises(ValueError, match="different settings \\(changed: \\['partition_size'\\]\\)"):
+        run_job(str(photo_folder), str(output), job_config(partition_size=3))
+
+
+class FaultyServer(BaseHTTPRequestHandler):
+    good = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/good.jpg":
+            self._send(200, self.good, "image/jpeg")
+        elif self.path == "/404":
+            self._send(404, b"not found", "text/plain")
+        elif self.path == "/500":
+            self._send(500, b"oops", "text/plain")
+        elif self.path == "/html.jpg":
+            self._send(200, b"<html><body>not an image</body></html>", "image/jpeg")
+        elif self.path == "/big.jpg":
+            self._send(200, b"\xff" * 300_000, "image/jpeg")
+        elif self.path == "/truncated.jpg":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.good)))
+            self.end_headers()
+            self.wfile.write(self.good[: len(self.good) // 3])
+            self.close_connection = True
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        elif self.path == "/slow":
+            time.sleep(1.5)
+            self._send(200, self.good, "image/jpeg")
+
+    def _send(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def faulty_server():
+    buffer = io.BytesIO()
+    Image.fromarray(packaged_photos()["astronaut"]).save(buffer, format="JPEG", quality=90)
+    FaultyServer.good = buffer.getvalue()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_url_list_faults_become_rows_and_good_images_are_written(faulty_server, tmp_path, ray_session):
+    paths = ["good.jpg", "404", "500", "html.jpg", "big.jpg", "truncated.jpg", "loop", "slow"]
+    urls = [f"{faulty_server}/{path}" for path in paths] + ["ftp://127.0.0.1/x.jpg", "file:///etc/hostname"]
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text("url,caption,license\n" + "".join(f"{url},caption {i},cc-by\n" for i, url in enumerate(urls)))
+    output = tmp_path / "out"
+    report = run_job(str(url_list), str(output), job_config(partition_size=5))
+    assert validate(str(output)) == []
+    reasons = {row["source"].rsplit("/", 1)[-1]: (row["status"], row["reason"]) for row in all_rows(output)}
+    assert reasons["good.jpg"] == ("ok", "")
+    assert reasons["404"] == ("failed", "HTTP 404")
+    assert reasons["500"] == ("failed", "transient: HTTP 500")
+    assert reasons["html.jpg"][0] == "failed" and "not a readable image" in reasons["html.jpg"][1]
+    assert reasons["big.jpg"] == ("failed", "body larger than max_bytes=200000")
+    assert reasons["truncated.jpg"][1].startswith("transient: ")
+    assert reasons["loop"] == ("failed", "too many redirects")
+    assert reasons["slow"][1].startswith("transient: ")
+    assert reasons["x.jpg"] == ("failed", "unsupported URL scheme 'ftp': only http and https are fetched")
+    assert reasons["hostname"][1].startswith("unsupported URL scheme 'file'")
+    assert report["counts"] == {"ok": 1, "rejected": 0, "failed": 9}
+    sample = next(read_shard(complete_shard_urls(str(output))[0]))
+    assert sample["txt"] == "caption 0" and sample["json"]["extra"] == {"license": "cc-by"}
+    assert sample["jpg"].shape == (512, 512, 3)
