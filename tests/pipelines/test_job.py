@@ -154,3 +154,55 @@ def test_url_list_faults_become_rows_and_good_images_are_written(faulty_server, 
     sample = next(read_shard(complete_shard_urls(str(output))[0]))
     assert sample["txt"] == "caption 0" and sample["json"]["extra"] == {"license": "cc-by"}
     assert sample["jpg"].shape == (512, 512, 3)
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session this test started (the job and its Ray processes)."""
+    import os
+    import signal
+
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session_id:
+                os.kill(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+
+
+@pytest.mark.slow
+def test_job_killed_partway_resumes_to_exactly_the_uninterrupted_keys(photo_folder, tmp_path, ray_session):
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    reference = tmp_path / "reference"
+    run_job(str(photo_folder), str(reference), job_config(partition_size=1))
+    reference_keys = sorted(row["key"] for row in all_rows(reference))
+
+    killed = tmp_path / "killed"
+    command = [
+        str(Path(sys.executable).parent / "hyperhuman"), "annotate", str(photo_folder), str(killed),
+        "--set", "partition_size=1", "--set", "filters.min_side=64", "--set", "filters.min_person_area=0.0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(killed.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert process.poll() is None, "the job finished before it could be killed"
+    finally:
+        kill_session(process.pid)
+        process.wait()
+    written = len(list(killed.glob("*_stats.json")))
+    assert 2 <= written < 6
+    for tar in killed.glob("*.tar"):  # anything under a final name is a complete tar
+        with tarfile.open(tar) as archive:
+            archive.getmembers()
+
+    report = run_job(str(photo_folder), str(killed), job_config(partition_size=1))
+    assert report["partitions_written_this_run"] == 6 - written
+    assert sorted(row["key"] for row in all_rows(killed)) == reference_keys
+    assert validate(str(killed)) == []
