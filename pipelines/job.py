@@ -136,7 +136,7 @@ def make_datasink(output: str, writer_options: dict):
 
         def on_write_complete(self, write_result) -> None:
             self.results = [result for returns in write_result.write_returns for result in returns]
-            write_manifest(output)
+            write_manifest(output, writer_options.get("storage_options"))
 
     return HumanVerseDatasink()
 
@@ -147,9 +147,9 @@ def _rows(block):
     return BlockAccessor.for_block(block).iter_rows(public_row_format=False)
 
 
-def complete_partitions(output: str) -> set[int]:
+def complete_partitions(output: str, storage_options: dict) -> set[int]:
     """Partitions whose last shard's stats marker (``final``) exists."""
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
     done = set()
     for path in fs.glob(_join(root, "*" + STATS_SUFFIX)):
         with fs.open(path, "r") as handle:
@@ -159,10 +159,10 @@ def complete_partitions(output: str) -> set[int]:
     return done
 
 
-def partitions_with_transient_failures(output: str) -> set[int]:
+def partitions_with_transient_failures(output: str, storage_options: dict) -> set[int]:
     import pyarrow.parquet as pq
 
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
     retry = set()
     for path in fs.glob(_join(root, "*.parquet")):
         with fs.open(path, "rb") as handle:
@@ -172,9 +172,9 @@ def partitions_with_transient_failures(output: str) -> set[int]:
     return retry
 
 
-def check_job_file(output: str, job: dict, overwrite: bool) -> None:
+def check_job_file(output: str, job: dict, overwrite: bool, storage_options: dict) -> None:
     """Refuse to mix shards made with different settings in one output, unless --overwrite."""
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
     fs.makedirs(root, exist_ok=True)
     path = _join(root, JOB_FILE)
     if fs.exists(path) and not overwrite:
@@ -205,10 +205,11 @@ def run_job(
     started = time.perf_counter()
     rows = list_inputs(source, config.get("source", {}))
     partitions = partition_inputs(rows, config["partition_size"])
-    check_job_file(output, job, overwrite)
-    done = set() if overwrite else complete_partitions(output)
+    storage_options = config.get("writer", {}).get("storage_options") or {}
+    check_job_file(output, job, overwrite, storage_options)
+    done = set() if overwrite else complete_partitions(output, storage_options)
     if retry_failed:
-        done -= partitions_with_transient_failures(output)
+        done -= partitions_with_transient_failures(output, storage_options)
     todo = [p for p in partitions if p["partition"] not in done]
     listing_s = time.perf_counter() - started
     already = len(done & {p["partition"] for p in partitions})
@@ -234,9 +235,9 @@ def run_job(
         sink = make_datasink(output, config.get("writer", {}))
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": resources["write"].get("num_cpus", 0.25)})
         results = sink.results
-    manifest = write_manifest(output)
+    manifest = write_manifest(output, storage_options)
     report = build_report(output, manifest, results, time.perf_counter() - started, listing_s)
-    with fsspec.open(_join(output, REPORT_FILE), "w") as handle:
+    with fsspec.open(_join(output, REPORT_FILE), "w", **storage_options) as handle:
         json.dump(report, handle, indent=1, sort_keys=True)
     return report
 

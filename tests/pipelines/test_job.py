@@ -206,3 +206,43 @@ def test_job_killed_partway_resumes_to_exactly_the_uninterrupted_keys(photo_fold
     assert report["partitions_written_this_run"] == 6 - written
     assert sorted(row["key"] for row in all_rows(killed)) == reference_keys
     assert validate(str(killed)) == []
+
+
+@pytest.fixture
+def s3_bucket():
+    """A loopback S3 server (moto in server mode) with an empty bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket="humanverse")
+    yield {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+@pytest.mark.slow
+def test_job_writes_to_s3_and_shards_read_back(photo_folder, s3_bucket, tmp_path, ray_session):
+    import fsspec
+
+    from shards.reader import read_shard
+
+    config = job_config(partition_size=3)
+    config["writer"]["storage_options"] = s3_bucket
+    report = run_job(str(photo_folder), "s3://humanverse/run1", config)
+    fs = fsspec.filesystem("s3", **s3_bucket)
+    names = sorted(path.rsplit("/", 1)[-1] for path in fs.ls("humanverse/run1"))
+    assert "manifest.json" in names and "report.json" in names and "000000-0000_stats.json" in names
+    assert not [name for name in names if ".tmp-" in name]
+    assert validate("s3://humanverse/run1", storage_options=s3_bucket) == []
+    samples = list(read_shard("s3://humanverse/run1/000000-0000.tar", storage_options=s3_bucket))
+    assert len(samples) == json.loads(fs.cat_file("humanverse/run1/000000-0000_stats.json"))["samples"]
+    assert report["counts"]["ok"] + report["counts"]["rejected"] + report["counts"]["failed"] == 6
