@@ -51,7 +51,7 @@ def main() -> None:
     from pipelines.annotate import AnnotateStage
 
     photos = load_photos(Path(args.data), args.limit)
-    stage = AnnotateStage(load_config("annotators")["annotators"])
+    stage = AnnotateStage(load_config("annotate/offline")["annotators"])
     pose, mask, depth, normal = (stage.annotators[m] for m in ("pose", "mask", "depth", "normal"))
     cache = {}
 

@@ -1,9 +1,9 @@
 """``make demo``: run what exists of the pipeline on photos that ship inside packages.
 
-Today: annotate the public-domain photos with the offline default annotators (pose, mask,
-coarse depth, normals, source captions), write HumanVerse shards, validate and inspect them,
-and save a preview strip per sample. Later stages (the Ray job, LSDM sampling, evaluation)
-join as they land.
+Today: export the public-domain photos (with captions), run the annotation job on Ray Data
+with the offline default annotators (``configs/annotate/offline.yaml``), validate and inspect
+the shards, and save a preview strip per sample rendered from what the shards hold. Later
+stages (LSDM sampling, evaluation) join as they land.
 """
 
 from __future__ import annotations
@@ -25,39 +25,41 @@ def packaged_photos() -> dict[str, np.ndarray]:
     return {"astronaut": skimage.data.astronaut(), "grace_hopper": grace_hopper}
 
 
-def preview(sample) -> np.ndarray:
-    """Image | skeleton | mask | depth | normal, side by side."""
+def preview(sample: dict) -> np.ndarray:
+    """Image | skeleton | mask | depth | normal, side by side, from a decoded shard sample."""
     from annotators.render import render_depth, render_normal, render_pose
 
-    mask = np.repeat(sample.mask[..., None], 3, axis=2)
-    panels = [sample.image, render_pose(sample.pose), mask, render_depth(sample.depth), render_normal(sample.normal)]
+    kind = sample["json"]["annotations"]["depth"]["kind"]
+    mask = np.repeat(sample["mask.png"][..., None], 3, axis=2)
+    panels = [
+        sample["jpg"],
+        render_pose(sample["pose.json"]),
+        mask,
+        render_depth(sample["depth.png"], kind),
+        render_normal(sample["normal.png"]),
+    ]
     return np.concatenate(panels, axis=1)
 
 
 def run_demo(config: dict, output: str) -> int:
-    from pipelines.annotate import AnnotateStage
-    from shards import ShardWriter, write_manifest
+    from hyperhuman.config import apply_overrides, load_config
+    from pipelines.job import run_job
+    from shards.reader import complete_shard_urls, read_shard
     from shards.validate import inspect, validate
 
     output_dir = Path(output)
+    photo_dir = output_dir / "photos"
+    photo_dir.mkdir(parents=True, exist_ok=True)
     photos = packaged_photos()
-    names = list(config["photos"])
-    stage = AnnotateStage(config["annotators"])
-    samples = stage(
-        keys=[f"demo{index:04d}" for index in range(len(names))],
-        images=[photos[name] for name in names],
-        captions=[config["photos"][name] for name in names],
-        sources=[f"package:{name}" for name in names],
-    )
-    for name, sample in zip(names, samples, strict=True):
-        print(f"[demo] {name}: {len(sample.pose['people'])} person(s) found")
+    for name, caption in config["photos"].items():
+        Image.fromarray(photos[name]).save(photo_dir / f"{name}.png")
+        (photo_dir / f"{name}.txt").write_text(caption + "\n")
+    print(f"[demo] exported {len(config['photos'])} public-domain photos to {photo_dir}")
 
+    job_config = apply_overrides(load_config(config["job_config"]), config.get("job_overrides", []))
     shard_dir = output_dir / "shards"
-    with ShardWriter(str(shard_dir), 0, **config["writer"]) as writer:
-        for sample in samples:
-            writer.write(sample)
-    manifest = write_manifest(str(shard_dir))
-    print(f"[demo] wrote {manifest['samples']} annotated samples in {manifest['num_shards']} shard(s) to {shard_dir}")
+    report = run_job(str(photo_dir), str(shard_dir), job_config, overwrite=True)
+    print(f"[demo] annotation job: {report['samples']} samples kept, rows {report['counts']}")
 
     problems = validate(str(shard_dir))
     for problem in problems:
@@ -70,8 +72,10 @@ def run_demo(config: dict, output: str) -> int:
 
     preview_dir = output_dir / "previews"
     preview_dir.mkdir(parents=True, exist_ok=True)
-    for name, sample in zip(names, samples, strict=True):
-        Image.fromarray(preview(sample)).save(preview_dir / f"{name}.png")
+    for url in complete_shard_urls(str(shard_dir)):
+        for sample in read_shard(url):
+            name = Path(sample["json"]["source"]).stem
+            Image.fromarray(preview(sample)).save(preview_dir / f"{name}.png")
     print(f"[demo] previews (image | pose | mask | depth | normal) in {preview_dir}")
-    print("[demo] not built yet: the Ray annotation job, LSDM, evaluation (see README.md)")
+    print("[demo] not built yet: LSDM, SGR, evaluation (see README.md)")
     return 0

@@ -1,6 +1,6 @@
 """The annotate stage: one image in, one annotated HumanVerse :class:`~shards.Sample` out.
 
-It runs the annotators named in the config (``configs/annotators.yaml``), one per modality,
+It runs the annotators named in the config (``configs/annotate/offline.yaml``), one per modality,
 in dependency order (pose and mask first; the derived depth needs them; normals need depth),
 and records each annotator's provenance in the sample. The Ray Data job wraps this in an
 actor so models load once per worker.
@@ -38,7 +38,7 @@ class AnnotateStage:
     def __init__(self, config: dict):
         missing = [modality for modality in MODALITIES if modality not in config]
         if missing:
-            raise ValueError(f"annotator config lacks modalities {missing}; see configs/annotators.yaml")
+            raise ValueError(f"annotator config lacks modalities {missing}; see configs/annotate/offline.yaml")
         unknown = set(config) - {modality for modality, _ in STAGES}
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)} in the annotator config")

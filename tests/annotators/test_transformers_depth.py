@@ -39,7 +39,7 @@ def test_depth_at_image_size_and_batch_equals_one_by_one(tiny_dpt):
 def test_model_depth_feeds_the_annotate_stage(tiny_dpt, tmp_path):
     from hyperhuman.config import load_config
 
-    config = load_config("annotators")["annotators"]
+    config = load_config("annotate/offline")["annotators"]
     config["depth"] = {"name": "transformers-depth", "weights": tiny_dpt}
     samples = AnnotateStage(config)(["k"], [np.full((40, 60, 3), 90, np.uint8)], [None], ["test"])
     assert samples[0].annotations["depth"]["kind"] == "relative_inverse"

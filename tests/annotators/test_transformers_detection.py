@@ -57,7 +57,7 @@ def test_detector_boxes_drive_the_pose_annotator_in_the_annotate_stage(tiny_yolo
     from hyperhuman.demo import packaged_photos
     from pipelines.annotate import AnnotateStage
 
-    config = load_config("annotators")["annotators"]
+    config = load_config("annotate/offline")["annotators"]
     config["detection"] = {"name": "transformers-detector", "weights": tiny_yolos, "options": {"threshold": 0.0}}
     stage = AnnotateStage(config)
     sample = stage(["k"], [packaged_photos()["astronaut"]], [None], ["test"])[0]

@@ -11,7 +11,7 @@ from shards.validate import validate
 
 
 def test_offline_default_annotators_produce_valid_shards(tmp_path):
-    stage = AnnotateStage(load_config("annotators")["annotators"])
+    stage = AnnotateStage(load_config("annotate/offline")["annotators"])
     photo = packaged_photos()["astronaut"]
     samples = stage(["a0"], [photo], ["  an astronaut "], ["package:astronaut"])
     sample = samples[0]
