@@ -190,12 +190,35 @@ def check_job_file(output: str, job: dict, overwrite: bool, storage_options: dic
         json.dump(job, handle, indent=1, sort_keys=True)
 
 
+def check_job_config(config: dict) -> dict:
+    """Fail at start, not an hour in: every section present, filters and annotator names known."""
+    from annotators.registry import REGISTRY
+    from pipelines.annotate import MODALITIES, STAGES
+
+    for section in ("partition_size", "annotators", "ray"):
+        if section not in config:
+            raise ValueError(f"job config lacks {section!r}; see configs/annotate/offline.yaml")
+    filters = check_filters(config.get("filters", {}))
+    annotators = config["annotators"]
+    missing = [modality for modality in MODALITIES if modality not in annotators]
+    unknown = set(annotators) - {modality for modality, _ in STAGES}
+    if missing or unknown:
+        raise ValueError(f"annotators: missing modalities {missing}, unknown {sorted(unknown)}")
+    for modality, annotator in annotators.items():
+        if annotator.get("name") not in REGISTRY:
+            raise ValueError(f"annotators.{modality}.name {annotator.get('name')!r} is not one of {sorted(REGISTRY)}")
+    for stage in ("fetch", "annotate", "write"):
+        if stage not in config["ray"]:
+            raise ValueError(f"job config lacks ray.{stage} (resources for that stage)")
+    return filters
+
+
 def run_job(
     source: str, output: str, config: dict, *, address: str | None = None, overwrite=False, retry_failed=False
 ) -> dict:
     import ray
 
-    filters = check_filters(config.get("filters", {}))
+    filters = check_job_config(config)
     job = {
         "source": source,
         "annotators": config["annotators"],

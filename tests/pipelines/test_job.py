@@ -246,3 +246,67 @@ def test_job_writes_to_s3_and_shards_read_back(photo_folder, s3_bucket, tmp_path
     samples = list(read_shard("s3://humanverse/run1/000000-0000.tar", storage_options=s3_bucket))
     assert len(samples) == json.loads(fs.cat_file("humanverse/run1/000000-0000_stats.json"))["samples"]
     assert report["counts"]["ok"] + report["counts"]["rejected"] + report["counts"]["failed"] == 6
+
+
+class FlakyServer(BaseHTTPRequestHandler):
+    """Serves the photo, or HTTP 503 while ``failing`` is set; /404 is always gone."""
+
+    failing = True
+    good = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/404":
+            status, body = 404, b"gone"
+        else:
+            status, body = (503, b"busy") if FlakyServer.failing else (200, FlakyServer.good)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.slow
+def test_retry_failed_redoes_only_transient_failures(tmp_path, ray_session):
+    buffer = io.BytesIO()
+    Image.fromarray(packaged_photos()["astronaut"]).save(buffer, format="JPEG")
+    FlakyServer.good, FlakyServer.failing = buffer.getvalue(), True
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url_list = tmp_path / "urls.jsonl"
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        url_list.write_text(f'{{"url": "{base}/a.jpg", "caption": "flaky"}}\n{{"url": "{base}/404", "caption": "x"}}\n')
+        output = tmp_path / "out"
+        first = run_job(str(url_list), str(output), job_config(partition_size=1))
+        assert first["counts"] == {"ok": 0, "rejected": 0, "failed": 2}
+        FlakyServer.failing = False
+        assert run_job(str(url_list), str(output), job_config(partition_size=1))["partitions_written_this_run"] == 0
+        retried = run_job(str(url_list), str(output), job_config(partition_size=1), retry_failed=True)
+        assert retried["partitions_written_this_run"] == 1  # the 503 partition; the 404 one is final
+        assert retried["counts"] == {"ok": 1, "rejected": 0, "failed": 1}
+        assert validate(str(output)) == []
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_reannotating_our_own_shards_keeps_keys(tmp_path, ray_session):
+    from shards import ShardWriter
+    from shards.testing import make_sample
+
+    source = tmp_path / "source"
+    photo = packaged_photos()["astronaut"]
+    with ShardWriter(str(source), 0) as writer:
+        for key in ("keep_me-1", "keep_me-2"):
+            sample = make_sample(key, height=512, width=512)
+            sample.image, sample.caption = photo, f"caption of {key}"
+            writer.write(sample)
+    output = tmp_path / "out"
+    run_job(str(source / "000000-0000.tar"), str(output), job_config(partition_size=5))
+    samples = list(read_shard(complete_shard_urls(str(output))[0]))
+    assert [s["__key__"] for s in samples] == ["keep_me-1", "keep_me-2"]
+    assert samples[0]["txt"] == "caption of keep_me-1"
+    assert samples[0]["json"]["annotations"]["pose"]["annotator"] == "mediapipe-blazepose"
