@@ -99,6 +99,7 @@ class AnnotatePartition:
                     source_sha256=decoded["sha256"], source_size=decoded["source_size"], extra=json.loads(item["extra"])
                 )
                 item.update(status="ok", sample=result)
+        payload["annotators"] = {modality: a.provenance() for modality, a in self.stage.annotators.items()}
         payload["timings"]["annotate_s"] = time.perf_counter() - started
         return _pack(row["partition"], payload)
 
@@ -119,7 +120,13 @@ def write_partition(output: str, writer_options: dict, row: dict) -> dict:
                 rules[item["rule"]] += 1
             counts[item["status"]] += 1
     payload["timings"]["write_s"] = time.perf_counter() - started
-    return {"partition": int(row["partition"]), "counts": dict(counts), "rules": dict(rules), **payload["timings"]}
+    return {
+        "partition": int(row["partition"]),
+        "counts": dict(counts),
+        "rules": dict(rules),
+        "annotators": payload.get("annotators", {}),
+        **payload["timings"],
+    }
 
 
 def make_datasink(output: str, writer_options: dict):
@@ -282,6 +289,7 @@ def build_report(output: str, manifest: dict, results: list[dict], total_s: floa
         "samples": manifest["samples"],
         "shards": manifest["num_shards"],
         "rejections_per_rule_this_run": dict(rules),
+        "annotators_this_run": next((r["annotators"] for r in results if r["annotators"]), {}),
         "partitions_written_this_run": len(results),
         "time_s": {"total": total_s, "listing": listing_s, **{k: round(v, 3) for k, v in timings.items()}},
     }

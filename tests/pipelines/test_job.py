@@ -65,6 +65,7 @@ def test_folder_job_writes_valid_annotated_shards_and_resumes(photo_folder, tmp_
     astronaut = next(s for s in kept if s["json"]["source"].endswith("astronaut.png"))
     assert astronaut["txt"] == "an astronaut"
     assert json.loads((output / "report.json").read_text())["counts"] == report["counts"]
+    assert report["annotators_this_run"]["pose"]["annotator"] == "mediapipe-blazepose"
 
     # Resume: a partition without its final marker is redone; complete ones are skipped.
     keys_before = sorted(row["key"] for row in rows)
