@@ -86,6 +86,7 @@ def _annotate(args: argparse.Namespace) -> int:
         address=args.address,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
+        show_progress=True,
     )
     counts = report["counts"]
     print(f"[annotate] {args.output}: {report['samples']} samples in {report['shards']} shard(s); rows {counts}")

@@ -20,6 +20,7 @@ import fsspec
 
 from pipelines import fetch as fetching
 from pipelines.filters import check_filters, image_rule, people_rule
+from pipelines.progress import ProgressBar
 from pipelines.sources import list_inputs, partition_inputs
 from shards.writer import STATS_SUFFIX, STATUS_FAILED, STATUS_REJECTED, ShardWriter, _join, write_manifest
 
@@ -221,7 +222,14 @@ def check_job_config(config: dict) -> dict:
 
 
 def run_job(
-    source: str, output: str, config: dict, *, address: str | None = None, overwrite=False, retry_failed=False
+    source: str,
+    output: str,
+    config: dict,
+    *,
+    address: str | None = None,
+    overwrite=False,
+    retry_failed=False,
+    show_progress=False,
 ) -> dict:
     import ray
 
@@ -263,7 +271,15 @@ def run_job(
             **_task_args(resources["annotate"]),
         )
         sink = make_datasink(output, config.get("writer", {}))
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": resources["write"].get("num_cpus", 0.25)})
+        progress = ProgressBar(output, sum(len(p["rows"]) for p in todo), storage_options) if show_progress else None
+        if progress:
+            ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts written rows
+            progress.start()
+        try:
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": resources["write"].get("num_cpus", 0.25)})
+        finally:
+            if progress:
+                progress.stop()
         results = sink.results
     manifest = write_manifest(output, storage_options)
     report = build_report(output, manifest, results, time.perf_counter() - started, listing_s)
