@@ -311,3 +311,31 @@ def test_reannotating_our_own_shards_keeps_keys(tmp_path, ray_session):
     assert [s["__key__"] for s in samples] == ["keep_me-1", "keep_me-2"]
     assert samples[0]["txt"] == "caption of keep_me-1"
     assert samples[0]["json"]["annotations"]["pose"]["annotator"] == "mediapipe-blazepose"
+
+
+@pytest.mark.slow
+def test_bad_and_odd_images_through_the_whole_job(tmp_path, ray_session):
+    """Every input of the decode tests, as files in a folder: the job completes, each bad one is
+    a failed row with a reason, each decodable one is kept or rejected by a filter rule."""
+    from tests.pipelines.test_fetch_decode import BAD, GOOD
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    names = {}
+    for index, (label, data) in enumerate([*BAD.items(), *((label, data) for label, (data, _) in GOOD.items())]):
+        path = folder / f"{index:02d}.jpg"  # every file claims to be a JPEG
+        path.write_bytes(data)
+        names[path.name] = label
+    output = tmp_path / "out"
+    config = job_config(partition_size=8)
+    config["filters"]["min_side"] = 1
+    report = run_job(str(folder), str(output), config)
+    assert validate(str(output)) == []
+    rows = {row["source"].rsplit("/", 1)[-1]: row for row in all_rows(output)}
+    assert len(rows) == len(BAD) + len(GOOD) == sum(report["counts"].values())
+    for name, label in names.items():
+        row = rows[name]
+        if label in BAD:
+            assert row["status"] == "failed" and row["reason"], label
+        else:
+            assert row["status"] in ("ok", "rejected") and (row["status"] == "ok" or row["reason"]), label
