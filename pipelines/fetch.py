@@ -57,13 +57,14 @@ def download(url: str, options: dict) -> tuple[bytes | None, str | None]:
     return None, reason
 
 
-def read_bytes(row: dict, fetch_options: dict) -> tuple[bytes | None, str | None]:
+def read_bytes(row: dict, fetch_options: dict, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """The row's image bytes; ``storage_options`` are the source's fsspec options (folder images)."""
     if row["kind"] == "bytes":
         return row["data"], None
     if row["kind"] == "url":
         return download(row["source"], fetch_options)
     try:
-        with fsspec.open(row["source"], "rb") as handle:
+        with fsspec.open(row["source"], "rb", **(storage_options or {})) as handle:
             return handle.read(), None
     except OSError as exc:
         return None, f"cannot read {row['source']}: {exc}"

@@ -36,14 +36,14 @@ def _unpack(row: dict) -> dict:
     return pickle.loads(row["payload"])
 
 
-def fetch_decode(row: dict, fetch_options: dict, filters: dict) -> dict:
+def fetch_decode(row: dict, fetch_options: dict, filters: dict, storage_options: dict | None = None) -> dict:
     """Ray map task: a partition's rows → decoded images, or failed/rejected items with reasons."""
     started = time.perf_counter()
     payload = _unpack(row)
     items = []
     for source_row in payload["rows"]:
         item = {key: source_row[key] for key in ("key", "source", "caption", "extra")}
-        data, reason = fetching.read_bytes(source_row, fetch_options)
+        data, reason = fetching.read_bytes(source_row, fetch_options, storage_options)
         decoded = None
         if reason is None:
             decoded, reason = fetching.decode(data)
@@ -261,7 +261,11 @@ def run_job(
         dataset = ray.data.from_items([_pack(p["partition"], p) for p in todo], override_num_blocks=len(todo))
         dataset = dataset.map(
             fetch_decode,
-            fn_kwargs={"fetch_options": config.get("fetch", {}), "filters": filters},
+            fn_kwargs={
+                "fetch_options": config.get("fetch", {}),
+                "filters": filters,
+                "storage_options": config.get("source", {}).get("storage_options") or {},
+            },
             **_task_args(resources["fetch"]),
         )
         dataset = dataset.map(

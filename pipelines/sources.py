@@ -34,8 +34,8 @@ def _row(kind: str, source: str, caption: str | None = "", key: str | None = Non
     }
 
 
-def folder_rows(root: str) -> list[dict]:
-    fs, path = fsspec.core.url_to_fs(root)
+def folder_rows(root: str, storage_options: dict | None = None) -> list[dict]:
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     files = sorted(p for p in fs.find(path) if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
     rows = []
     for file in files:
@@ -45,12 +45,14 @@ def folder_rows(root: str) -> list[dict]:
     return rows
 
 
-def url_list_rows(path: str, url_column: str = "url", caption_column: str | None = "caption") -> list[dict]:
+def url_list_rows(
+    path: str, url_column: str = "url", caption_column: str | None = "caption", storage_options: dict | None = None
+) -> list[dict]:
     import pandas as pd
 
     compression = "gzip" if path.endswith(".gz") else None
     base = path[:-3] if compression else path
-    with fsspec.open(path, "rb") as handle:
+    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
         if base.endswith(".parquet"):
             table = pd.read_parquet(handle)
         elif base.endswith(".jsonl"):
@@ -71,12 +73,12 @@ def url_list_rows(path: str, url_column: str = "url", caption_column: str | None
     return rows
 
 
-def tar_rows(pattern: str) -> list[dict]:
+def tar_rows(pattern: str, storage_options: dict | None = None) -> list[dict]:
     from shards.reader import expand_urls, read_shard
 
     rows = []
-    for url in expand_urls(pattern):
-        for sample in read_shard(url, decode=False):
+    for url in expand_urls(pattern, storage_options):
+        for sample in read_shard(url, decode=False, storage_options=storage_options):
             image = next((sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in sample), None)
             if image is None:
                 continue
@@ -87,17 +89,24 @@ def tar_rows(pattern: str) -> list[dict]:
 
 
 def list_inputs(source: str, options: dict) -> list[dict]:
-    """Rows of the source, in a deterministic order."""
-    fs, path = fsspec.core.url_to_fs(source)
+    """Rows of the source, in a deterministic order.
+
+    ``options["storage_options"]`` are fsspec options for the source (e.g. ``{endpoint_url: ...}``
+    for an S3-compatible store); folder images are read with them again in the fetch tasks.
+    """
+    storage_options = options.get("storage_options") or {}
+    fs, path = fsspec.core.url_to_fs(source, **storage_options)
     if path.endswith(".tar") or "{" in path:
-        return tar_rows(source)
+        return tar_rows(source, storage_options)
     if any(path.endswith(suffix) for suffix in URL_LIST_SUFFIXES):
-        return url_list_rows(source, options.get("url_column", "url"), options.get("caption_column", "caption"))
+        return url_list_rows(
+            source, options.get("url_column", "url"), options.get("caption_column", "caption"), storage_options
+        )
     if fs.isdir(path):
         tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
         if tars and not any(posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in fs.ls(path, detail=False)):
-            return [row for tar in tars for row in tar_rows(fs.unstrip_protocol(tar))]
-        return folder_rows(source)
+            return [row for tar in tars for row in tar_rows(fs.unstrip_protocol(tar), storage_options)]
+        return folder_rows(source, storage_options)
     raise ValueError(
         f"source {source!r} is not a folder, a URL list ({', '.join(URL_LIST_SUFFIXES)}) or webdataset tars"
     )

@@ -249,6 +249,37 @@ def test_job_writes_to_s3_and_shards_read_back(photo_folder, s3_bucket, tmp_path
     assert report["counts"]["ok"] + report["counts"]["rejected"] + report["counts"]["failed"] == 6
 
 
+@pytest.mark.slow
+def test_job_reads_sources_from_s3(photo_folder, s3_bucket, tmp_path, ray_session):
+    """A folder and our own shards on an S3-compatible store (custom endpoint) as sources."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_bucket)
+    for path in sorted(photo_folder.iterdir()):
+        fs.pipe_file(f"humanverse/photos/{path.name}", path.read_bytes())
+    config = job_config(partition_size=3)
+    config["source"]["storage_options"] = s3_bucket
+    config["writer"]["storage_options"] = s3_bucket
+    first = run_job("s3://humanverse/photos", "s3://humanverse/from-folder", config)
+    assert first["counts"]["failed"] == 0, first
+    rows = [
+        row
+        for path in sorted(fs.glob("humanverse/from-folder/*.parquet"))
+        for row in pq.read_table(fs.open(path, "rb")).to_pylist()
+    ]
+    assert sorted(row["source"].rsplit("/", 1)[-1] for row in rows) == sorted(
+        p.name for p in photo_folder.glob("*.*") if p.suffix != ".txt"
+    )
+    assert {row["caption"] for row in rows if row["source"].endswith("astronaut.png")} == {"an astronaut"}
+
+    config["writer"]["storage_options"] = {}
+    second = run_job("s3://humanverse/from-folder/000000-0000.tar", str(tmp_path / "again"), config)
+    kept = sorted(row["key"] for row in rows if row["status"] == "ok" and row["key"].startswith("000000"))
+    assert kept
+    assert sorted(row["key"] for row in all_rows(tmp_path / "again") if row["status"] == "ok") == kept
+    assert second["counts"]["failed"] == 0
+
+
 class FlakyServer(BaseHTTPRequestHandler):
     """Serves the photo, or HTTP 503 while ``failing`` is set; /404 is always gone."""
 
