@@ -58,7 +58,8 @@ class SampleTransform:
     """Decoded sample → training dict of aligned tensors.
 
     Output: ``pixel_values`` (3, H, W) in [-1, 1]; ``depth`` (1, H, W) in the sample's depth
-    units; ``normal`` (3, H, W) unit vectors; ``mask`` (1, H, W) in [0, 1]; ``keypoints``
+    units and ``depth_kind`` (e.g. ``metric_m``, ``relative_inverse``); ``normal``
+    (3, H, W) unit vectors; ``mask`` (1, H, W) in [0, 1]; ``keypoints``
     (max_people, 17, 3) in output pixels, zero rows past ``num_people``; ``caption``; ``key``.
 
     The crop keeps the output aspect ratio; its side is a random fraction in
@@ -127,6 +128,7 @@ class SampleTransform:
         }
         if DEPTH in sample:
             out["depth"] = self._resize(sample[DEPTH], box, "bilinear")
+            out["depth_kind"] = sample.get("json", {}).get("annotations", {}).get("depth", {}).get("kind", "metric")
         if NORMAL in sample:
             normal = self._resize(sample[NORMAL], box, "bilinear")
             # (n * n).sum().sqrt() rather than Tensor.norm: ~10x faster on CPU for this shape
