@@ -1,0 +1,401 @@
+"""``hyperhuman train-lsdm``: the LSDM training recipe (HyperHuman sec. 3.2 and appendix).
+
+One timestep per sample shared by the three branches, independent noise per branch, loss = sum
+of the branches' v-prediction MSEs, text dropped for 15% of samples (classifier-free guidance).
+Runs on one CPU process here and unchanged under ``accelerate launch`` on GPUs:
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \\
+        -m hyperhuman train-lsdm --config lsdm/sd2-base-512 --set data.train=s3://bucket/hv
+
+Reproducible: every random draw of an optimizer step (timesteps, noise, dropout, VAE posterior
+samples) comes from a generator seeded by ``(seed, micro-batch index, process)``, and the data
+stream is seeded per epoch, so ``--resume`` continues bit-exactly where a checkpoint left off.
+
+Output folder: ``checkpoints/checkpoint-STEP/`` (accelerate state: model, optimizer, scheduler,
+EMA, RNG; plus ``trainer_state.json``), ``logs/`` (TensorBoard), ``validation/step-STEP.png``,
+``latent_stats.json``, and at the end ``pipeline/`` (loadable with
+``HyperHumanPipeline.from_pretrained``; EMA weights when EMA is on) and ``train_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encode_batch
+from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
+from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
+
+STATE_FILE = "trainer_state.json"
+
+
+# --- configuration ---------------------------------------------------------------------------------
+def check_config(config: dict, check_paths: bool = True) -> None:
+    """Everything that would fail an hour in fails here, naming the key to fix."""
+    for section in ("output", "data", "model", "train"):
+        if section not in config:
+            raise ValueError(f"training config lacks {section!r}; see configs/lsdm/tiny.yaml")
+    model, train, data = config["model"], config["train"], config["data"]
+    branches = model.get("branches", list(BRANCHES))
+    unknown = [name for name in branches if name not in BRANCHES]
+    if unknown or len(set(branches)) != len(branches) or "rgb" not in branches:
+        raise ValueError(f"model.branches={branches!r}: distinct names from {list(BRANCHES)}, including 'rgb'")
+    weights = train.get("loss_weights")
+    if weights is not None and len(weights) != len(branches):
+        raise ValueError(
+            f"train.loss_weights has {len(weights)} entries for {len(branches)} branches {branches}: give one per branch"
+        )
+    norm = model.get("latent_norm")
+    if isinstance(norm, dict) and (missing := [m for m in [*branches, "pose"] if m not in norm]):
+        raise ValueError(f"model.latent_norm lacks {missing}; give [shift, scale] for every branch and 'pose'")
+    if not model.get("vae"):
+        raise ValueError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
+    if not model.get("pretrained_unet") and not model.get("unet"):
+        raise ValueError("set model.pretrained_unet (an SD-style UNet directory) or model.unet (an architecture)")
+    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
+        if not isinstance(train.get(key), int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    if data.get("cache_latents") and (data.get("random_crop", True) or data.get("flip_prob", 0.5)):
+        raise ValueError(
+            "data.cache_latents needs fixed crops: set data.random_crop=false and data.flip_prob=0 "
+            "(cached latents cannot follow random augmentation)"
+        )
+    if check_paths:
+        check_data(data)
+        if not os.path.isdir(model["vae"]):
+            raise ValueError(
+                f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae` "
+                "or point it at a Stable Diffusion vae/ folder"
+            )
+
+
+def check_resolution(resolution: int, vae_factor: int, unet_factor: int) -> None:
+    step = vae_factor * unet_factor
+    if resolution % step:
+        raise ValueError(
+            f"data.resolution={resolution} is not divisible by {step} (VAE factor {vae_factor} × UNet down factor "
+            f"{unet_factor}); use a multiple such as {max(step, resolution // step * step)}"
+        )
+
+
+def build_model(model_config: dict, latent_norm: dict | None) -> LatentStructuralUNet:
+    from diffusers import UNet2DConditionModel
+
+    if model_config.get("pretrained_unet"):
+        unet = UNet2DConditionModel.from_pretrained(model_config["pretrained_unet"])
+    else:
+        unet = UNet2DConditionModel(**model_config["unet"])
+    return LatentStructuralUNet.from_unet(
+        unet,
+        branches=model_config.get("branches", list(BRANCHES)),
+        replicated_blocks=model_config.get("replicated_blocks", 1),
+        merge=model_config.get("merge", "mean"),
+        latent_norm=latent_norm,
+    )
+
+
+def load_latent_norm(value) -> dict | None:
+    if isinstance(value, str):
+        return json.loads(Path(value).read_text())
+    return value
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def checkpoint_dirs(output: Path) -> list[Path]:
+    found = [p for p in (output / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(output: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = [p for p in checkpoint_dirs(output) if (p / STATE_FILE).is_file()]
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (no {STATE_FILE}); use 'latest' or a path")
+    return path
+
+
+def prune_checkpoints(output: Path, limit: int | None) -> None:
+    """Keep room for one more under ``limit`` (the oldest go first)."""
+    if not limit:
+        return
+    existing = checkpoint_dirs(output)
+    for old in existing[: max(0, len(existing) - limit + 1)]:
+        shutil.rmtree(old)
+
+
+# --- training --------------------------------------------------------------------------------------
+def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + process)
+
+
+def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
+    """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
+    first = latents[names[0]]
+    batch = first.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    timesteps = timesteps.to(first.device)
+    noisy, targets = [], []
+    for name in names:
+        noise = torch.randn(latents[name].shape, generator=generator).to(first.device)
+        noisy.append(scheduler.add_noise(latents[name], noise, timesteps))
+        targets.append(scheduler.get_velocity(latents[name], noise, timesteps))
+    prediction = model(torch.cat(noisy, dim=1), timesteps, states, pose_latent=pose_latent, encoder_attention_mask=mask)
+    losses = [
+        F.mse_loss(p.float(), t.float())
+        for p, t in zip(prediction.sample.chunk(len(names), dim=1), targets, strict=True)
+    ]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)), [float(loss) for loss in losses]
+
+
+def train_lsdm(config: dict, resume: str | None = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from hyperhuman.text import encode_prompts, load_text_encoder
+    from hyperhuman.vae import load_vae
+
+    check_config(config)
+    output = Path(config["output"])
+    data, model_config, train = config["data"], config["model"], config["train"]
+    seed = config.get("seed", 0)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
+        mixed_precision=train.get("mixed_precision", "no"),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    torch.manual_seed(seed)
+    vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
+    tokenizer, text_encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, weight_dtype)
+    text_encoder.to(accelerator.device, weight_dtype)
+
+    names = list(model_config.get("branches", list(BRANCHES)))
+    latent_norm = load_latent_norm(model_config.get("latent_norm"))
+    if latent_norm is None:
+        latent_norm = compute_latent_norm(
+            vae, data, names, model_config.get("latent_stats_batches", 8), train["batch_size"], seed
+        )
+        if accelerator.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "latent_stats.json").write_text(json.dumps(latent_norm, indent=1))
+    model = build_model(model_config, latent_norm)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    check_resolution(data["resolution"], vae_factor, 2**model.trunk.num_upsamplers)
+    cross = model.config.unet.get("cross_attention_dim")
+    if cross != text_encoder.config.hidden_size:
+        raise ValueError(
+            f"the UNet's cross_attention_dim is {cross} but the text encoder gives {text_encoder.config.hidden_size}-d "
+            f"states; set model.unet.cross_attention_dim={text_encoder.config.hidden_size} or use another text encoder"
+        )
+    if train.get("gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    noise_scheduler = make_scheduler(**config.get("scheduler", {}))
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(train.get("learning_rate", 1e-5)),
+        betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
+        weight_decay=float(train.get("weight_decay", 0.01)),
+        eps=float(train.get("adam_epsilon", 1e-8)),
+    )
+    lr_scheduler = get_scheduler(
+        train.get("lr_scheduler", "constant"),
+        optimizer=optimizer,
+        num_warmup_steps=train.get("lr_warmup_steps", 0) * accelerator.num_processes,
+        num_training_steps=train["max_train_steps"] * accelerator.num_processes,
+    )
+    ema = None
+    if train.get("ema", {}).get("use", False):
+        ema = EMAModel(
+            model.parameters(),
+            decay=train["ema"].get("decay", 0.9999),
+            model_cls=LatentStructuralUNet,
+            model_config=model.config,
+        )
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    global_step, micro_step, stream_state = 0, 0, {"epoch": 0, "batches_in_epoch": 0}
+    checkpoint = resolve_resume(output, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        global_step, micro_step, stream_state = state["global_step"], state["micro_step"], state["data"]
+        accelerator.print(f"[train-lsdm] resumed from {checkpoint} at step {global_step}")
+    elif resume and resume != "latest":
+        raise ValueError(f"--resume {resume!r} not found")
+    batches = Batches(data, train["batch_size"], seed, **stream_state)
+
+    empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
+    weights = train.get("loss_weights") or [1.0] * len(names)
+    text_dropout, pose_dropout = train.get("condition_dropout", 0.15), train.get("pose_dropout", 0.0)
+    cache = {} if data.get("cache_latents") else None
+    validation = config.get("validation", {})
+    validation_batch = None
+    if accelerator.is_main_process:
+        accelerator.init_trackers("lsdm", config={"max_train_steps": train["max_train_steps"]})
+        if validation.get("every"):
+            validation_batch = first_samples(data, validation.get("num_samples", 2), seed)
+
+    losses, started = [], time.perf_counter()
+    model.train()
+    while global_step < train["max_train_steps"]:
+        batch = next(batches)
+        generator = step_generator(seed, micro_step, accelerator.process_index)
+        micro_step += 1
+        with accelerator.accumulate(model):
+            latents = cached_latents(cache, batch, vae, accelerator.unwrap_model(model), names, generator)
+            states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], accelerator.device)
+            batch_size = states.shape[0]
+            drop_text = torch.rand(batch_size, generator=generator) < text_dropout
+            drop_pose = torch.rand(batch_size, generator=generator) < pose_dropout
+            states = torch.where(drop_text[:, None, None].to(states.device), empty_states, states)
+            mask = torch.where(drop_text[:, None].to(mask.device), empty_mask, mask)
+            pose_latent = latents["pose"] * (~drop_pose).float()[:, None, None, None].to(latents["pose"].device)
+            loss, branch_losses = v_prediction_loss(
+                model, noise_scheduler, latents, names, states, mask, pose_latent, generator, weights
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and train.get("max_grad_norm"):
+                accelerator.clip_grad_norm_(model.parameters(), train["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(model.parameters())
+        losses.append(float(loss))
+        logs = {"loss": float(loss), "lr": lr_scheduler.get_last_lr()[0]}
+        logs.update({f"loss_{name}": value for name, value in zip(names, branch_losses, strict=True)})
+        accelerator.log(logs, step=global_step)
+        if global_step % train.get("log_every", 10) == 0 or global_step == 1:
+            accelerator.print(f"[train-lsdm] step {global_step}/{train['max_train_steps']} loss {float(loss):.4f}")
+        if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
+            save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
+        if validation_batch is not None and global_step % validation["every"] == 0:
+            run_validation(accelerator, model, ema, vae, tokenizer, text_encoder, validation, validation_batch, output,
+                           global_step)  # fmt: skip
+
+    accelerator.wait_for_everyone()
+    report = {"steps": global_step, "wall_s": round(time.perf_counter() - started, 2), "losses": losses}
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder)
+        pipeline.save_pretrained(output / "pipeline")
+        if losses:
+            report.update(first_loss=losses[0], last_loss=losses[-1])
+        (output / "train_report.json").write_text(json.dumps(report, indent=1))
+    accelerator.end_training()
+    return report
+
+
+def cached_latents(cache, batch, vae, model, names, generator) -> dict:
+    if cache is None:
+        return encode_batch(vae, model, batch, names, generator)
+    missing = [index for index, key in enumerate(batch["key"]) if key not in cache]
+    if missing:
+        subset = {k: (v[missing] if isinstance(v, torch.Tensor) else [v[i] for i in missing]) for k, v in batch.items()}
+        fresh = encode_batch(vae, model, subset, names, None)
+        for position, index in enumerate(missing):
+            cache[batch["key"][index]] = {name: value[position] for name, value in fresh.items()}
+    return {name: torch.stack([cache[key][name] for key in batch["key"]]) for name in [*names, "pose"]}
+
+
+def save_checkpoint(accelerator, output: Path, step: int, micro_step: int, batches: Batches, limit) -> Path:
+    prune_checkpoints(output, limit)
+    path = output / "checkpoints" / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    state = {"global_step": step, "micro_step": micro_step, "data": batches.state()}
+    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return path
+
+
+def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder) -> HyperHumanPipeline:
+    """A pipeline over a copy of the trained weights (the EMA weights when EMA is on)."""
+    unwrapped = accelerator.unwrap_model(model)
+    unet = LatentStructuralUNet.from_config(unwrapped.config)
+    unet.load_state_dict(unwrapped.state_dict())
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.to(vae.device, vae.dtype).eval()
+    return HyperHumanPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler()
+    )
+
+
+def first_samples(data: dict, count: int, seed: int) -> dict:
+    """The first ``count`` samples at a fixed centre crop: the validation prompts and poses."""
+    return next(Batches({**data, "random_crop": False, "flip_prob": 0.0, "shuffle_buffer": 0}, count, seed))
+
+
+@torch.no_grad()
+def run_validation(accelerator, model, ema, vae, tokenizer, text_encoder, validation, batch, output, step) -> Path:
+    pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder)
+    pipeline.set_progress_bar_config(disable=True)
+    resolution = batch["pixel_values"].shape[-1]
+    poses = [
+        {"width": resolution, "height": resolution, "people": [{"keypoints": k.tolist()} for k in kps[: int(n)]]}
+        for kps, n in zip(batch["keypoints"], batch["num_people"], strict=True)
+    ]
+    result = pipeline(
+        list(batch["caption"]),
+        pose=poses,
+        height=resolution,
+        width=resolution,
+        num_inference_steps=validation.get("num_inference_steps", 20),
+        guidance_scale=validation.get("guidance_scale", 4.0),
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
+    )
+    rows = [
+        [result.pose[i], result.rgb[i], result.depth[i].convert("RGB"), result.normal[i]] for i in range(len(poses))
+    ]
+    grid = image_grid(rows)
+    path = output / "validation" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    if tracker is not None:
+        tracker.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
+def image_grid(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
+    width, height = rows[0][0].size
+    grid = PIL.Image.new("RGB", (width * len(rows[0]), height * len(rows)))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (c * width, r * height))
+    return grid
+
+
+def describe(model: LatentStructuralUNet) -> dict:
+    """Parameter counts: the trunk, each branch, and what the branches add over one UNet."""
+    trunk = sum(p.numel() for p in model.trunk.parameters())
+    branch = {name: sum(p.numel() for p in b.parameters()) for name, b in model.branch.items()}
+    one = next(iter(branch.values()))
+    return {
+        "trunk": trunk,
+        "per_branch": one,
+        "total": trunk + sum(branch.values()),
+        "added": sum(branch.values()) - one,
+    }
