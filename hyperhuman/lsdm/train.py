@@ -51,7 +51,8 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     weights = train.get("loss_weights")
     if weights is not None and len(weights) != len(branches):
         raise ValueError(
-            f"train.loss_weights has {len(weights)} entries for {len(branches)} branches {branches}: give one per branch"
+            f"train.loss_weights has {len(weights)} entries for {len(branches)} branches {branches}: "
+            "give one per branch"
         )
     norm = model.get("latent_norm")
     if isinstance(norm, dict) and (missing := [m for m in [*branches, "pose"] if m not in norm]):
