@@ -102,6 +102,36 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_config(args.config, args.overrides), args.output)
 
 
+def _train_vae(args: argparse.Namespace) -> int:
+    from hyperhuman.vae import train_vae
+
+    report = train_vae(load_config(args.config, args.overrides))
+    print(f"[train-vae] {json.dumps({k: v for k, v in report.items() if not isinstance(v, list)})}")
+    return 0
+
+
+def _lsdm_stats(args: argparse.Namespace) -> int:
+    from hyperhuman.lsdm.train import latent_stats
+
+    config = load_config(args.config, args.overrides)
+    norm, path = latent_stats(config, args.output)
+    for name, (shift, scale) in norm.items():
+        print(f"[lsdm-stats] {name:<7} shift {shift:+.4f}  scale {scale:.4f}")
+    print(f"[lsdm-stats] wrote {path}; use it with --set model.latent_norm={path}")
+    return 0
+
+
+def _train_lsdm(args: argparse.Namespace) -> int:
+    from hyperhuman.lsdm.train import train_lsdm
+
+    config = load_config(args.config, args.overrides)
+    report = train_lsdm(config, resume=args.resume)
+    if "last_loss" in report:
+        print(f"[train-lsdm] {report['steps']} steps in {report['wall_s']} s; loss {report['first_loss']:.4f} → "
+              f"{report['last_loss']:.4f}; pipeline in {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperhuman", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -137,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(annotate, "annotate/offline")
     annotate.set_defaults(func=_annotate)
 
+    train_vae = commands.add_parser("train-vae", help="train the small offline VAE on shards (all modalities)")
+    _add_config_options(train_vae, "vae/tiny")
+    train_vae.set_defaults(func=_train_vae)
+
+    lsdm_stats = commands.add_parser(
+        "lsdm-stats", help="per-modality latent shift/scale for the LSDM, computed from shards through the VAE"
+    )
+    lsdm_stats.add_argument("--output", default=None, help="JSON file to write (default: OUTPUT/latent_stats.json)")
+    _add_config_options(lsdm_stats, "lsdm/tiny")
+    lsdm_stats.set_defaults(func=_lsdm_stats)
+
+    train_lsdm = commands.add_parser("train-lsdm", help="train the Latent Structural Diffusion Model on shards")
+    train_lsdm.add_argument(
+        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
+    )
+    _add_config_options(train_lsdm, "lsdm/tiny")
+    train_lsdm.set_defaults(func=_train_lsdm)
+
     demo = commands.add_parser("demo", help="run the pipeline end to end on offline defaults (make demo)")
     demo.add_argument("--output", default="demo_output", help="where the demo writes (default: demo_output)")
     _add_config_options(demo, "demo")
@@ -148,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, ConfigError, ValueError) as exc:
         print(f"hyperhuman {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -118,8 +118,8 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         pose_channels = latent_channels if pose_channels is None else pose_channels
         unet_config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
         unet_config["in_channels"] = latent_channels + pose_channels
-        model = cls(
-            unet_config,
+        model = cls(  # keywords only: register_to_config records positional arguments as defaults
+            unet=unet_config,
             branches=list(branches),
             replicated_blocks=replicated_blocks,
             merge=merge,

@@ -87,6 +87,27 @@ def check_resolution(resolution: int, vae_factor: int, unet_factor: int) -> None
         )
 
 
+def latent_stats(config: dict, path: str | None = None) -> tuple[dict, Path]:
+    """``hyperhuman lsdm-stats``: compute the per-modality latent normalisation and write it as JSON."""
+    from hyperhuman.vae import load_vae
+
+    check_config(config)
+    model = config["model"]
+    vae = load_vae(model["vae"]).requires_grad_(False).eval()
+    norm = compute_latent_norm(
+        vae,
+        config["data"],
+        list(model.get("branches", list(BRANCHES))),
+        model.get("latent_stats_batches", 8),
+        config["train"]["batch_size"],
+        config.get("seed", 0),
+    )
+    target = Path(path) if path else Path(config["output"]) / "latent_stats.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(norm, indent=1))
+    return norm, target
+
+
 def build_model(model_config: dict, latent_norm: dict | None) -> LatentStructuralUNet:
     from diffusers import UNet2DConditionModel
 
@@ -157,7 +178,7 @@ def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose
         F.mse_loss(p.float(), t.float())
         for p, t in zip(prediction.sample.chunk(len(names), dim=1), targets, strict=True)
     ]
-    return sum(w * loss for w, loss in zip(weights, losses, strict=True)), [float(loss) for loss in losses]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)), [loss.item() for loss in losses]
 
 
 def train_lsdm(config: dict, resume: str | None = None) -> dict:
@@ -285,12 +306,12 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         global_step += 1
         if ema is not None:
             ema.step(model.parameters())
-        losses.append(float(loss))
-        logs = {"loss": float(loss), "lr": lr_scheduler.get_last_lr()[0]}
+        losses.append(loss.item())
+        logs = {"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}
         logs.update({f"loss_{name}": value for name, value in zip(names, branch_losses, strict=True)})
         accelerator.log(logs, step=global_step)
         if global_step % train.get("log_every", 10) == 0 or global_step == 1:
-            accelerator.print(f"[train-lsdm] step {global_step}/{train['max_train_steps']} loss {float(loss):.4f}")
+            accelerator.print(f"[train-lsdm] step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}")
         if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if validation_batch is not None and global_step % validation["every"] == 0:

@@ -89,6 +89,7 @@ def test_save_and_load_give_identical_outputs(unet, tmp_path):
     model = LatentStructuralUNet.from_unet(unet, latent_norm=dict(IDENTITY_NORM), merge="weighted").eval()
     model.save_pretrained(tmp_path / "lsdm")
     loaded = LatentStructuralUNet.from_pretrained(tmp_path / "lsdm").eval()
+    assert torch.equal(LatentStructuralUNet.from_config(model.config).merge_weights, model.merge_weights)
     latent, states = _inputs()
     sample = torch.cat([latent, latent * 0.5, -latent], dim=1)
     pose = torch.randn(2, 4, 8, 8)
