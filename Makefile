@@ -24,6 +24,7 @@ bench: setup
 	$(PYTHON) bench/shards_io.py
 	$(PYTHON) bench/pose_accuracy.py
 	$(PYTHON) bench/annotator_latency.py
+	$(PYTHON) bench/lsdm_step.py
 
 clean:
 	rm -rf demo_output bench/results .pytest_cache
