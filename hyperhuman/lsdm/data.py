@@ -33,7 +33,7 @@ def check_data(data: dict) -> list[str]:
     return urls
 
 
-def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int) -> DataLoader:
+def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int, split_by_node: bool = True) -> DataLoader:
     resolution = data["resolution"]
     transform = SampleTransform(
         resolution,
@@ -43,7 +43,11 @@ def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int) -> DataLoad
         seed=seed * 100_003 + epoch,
     )
     dataset = humanverse_dataset(
-        data["train"], transform, shuffle_buffer=data.get("shuffle_buffer", 0), seed=seed * 100_003 + epoch
+        data["train"],
+        transform,
+        shuffle_buffer=data.get("shuffle_buffer", 0),
+        seed=seed * 100_003 + epoch,
+        split_by_node=split_by_node,
     )
     return DataLoader(
         dataset,
@@ -57,8 +61,10 @@ def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int) -> DataLoad
 class Batches:
     """Endless batches across epochs, resumable at ``(epoch, batches_in_epoch)``."""
 
-    def __init__(self, data: dict, batch_size: int, seed: int, epoch: int = 0, batches_in_epoch: int = 0):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+    def __init__(
+        self, data: dict, batch_size: int, seed: int, epoch: int = 0, batches_in_epoch: int = 0, split_by_node=True
+    ):
+        self.data, self.batch_size, self.seed, self.split_by_node = data, batch_size, seed, split_by_node
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
         self._iterator = None
 
@@ -68,7 +74,9 @@ class Batches:
     def __next__(self) -> dict:
         for _ in range(2):  # a fresh epoch must yield at least one batch
             if self._iterator is None:
-                self._iterator = iter(epoch_loader(self.data, self.batch_size, self.seed, self.epoch))
+                self._iterator = iter(
+                    epoch_loader(self.data, self.batch_size, self.seed, self.epoch, self.split_by_node)
+                )
                 for _ in range(self.batches_in_epoch):  # resuming: replay what was already trained on
                     next(self._iterator)
             try:
@@ -110,7 +118,8 @@ def _sample(posterior, generator: torch.Generator) -> torch.Tensor:
 def compute_latent_norm(vae, data: dict, names: list[str], batches: int, batch_size: int, seed: int) -> dict:
     """``{modality: [shift, scale]}`` so that each modality's latents match the RGB latents'
     mean and spread after RGB's own scaling (the VAE's ``scaling_factor``, shift 0)."""
-    stream = Batches({**data, "random_crop": False, "flip_prob": 0.0}, batch_size, seed)
+    # Every process reads the same batches (no split by node), so all ranks agree on the result.
+    stream = Batches({**data, "random_crop": False, "flip_prob": 0.0}, batch_size, seed, split_by_node=False)
     sums = {name: [] for name in [*names, "pose"]}
     for _ in range(batches):
         units = modalities.batch_to_units(next(stream))
