@@ -55,6 +55,7 @@ def build_vae(model: dict):
         latent_channels=model.get("latent_channels", 4),
         norm_num_groups=model.get("norm_num_groups", 32),
         sample_size=model.get("sample_size", 64),
+        mid_block_add_attention=model.get("mid_block_add_attention", True),
     )
 
 
