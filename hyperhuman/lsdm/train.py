@@ -204,8 +204,10 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
     vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
     tokenizer, text_encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.to(accelerator.device, weight_dtype)
-    text_encoder.to(accelerator.device, weight_dtype)
+    for frozen in (vae, text_encoder):
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
 
     names = list(model_config.get("branches", list(BRANCHES)))
     latent_norm = load_latent_norm(model_config.get("latent_norm"))
