@@ -14,8 +14,9 @@ $(STAMP): $(SETUP_INPUTS)
 	bash scripts/setup.sh
 	touch $@
 
+# make demo DATA=dir: your own images (+ NAME.txt captions) instead of the packaged photos
 demo: setup
-	$(VENV)/bin/hyperhuman demo --output demo_output
+	$(VENV)/bin/hyperhuman demo --output demo_output $(if $(DATA),--data $(DATA))
 
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

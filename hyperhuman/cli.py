@@ -99,7 +99,7 @@ def _annotate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from hyperhuman.demo import run_demo
 
-    return run_demo(load_config(args.config, args.overrides), args.output)
+    return run_demo(load_config(args.config, args.overrides), args.output, data=args.data)
 
 
 def _train_vae(args: argparse.Namespace) -> int:
@@ -129,6 +129,36 @@ def _train_lsdm(args: argparse.Namespace) -> int:
     if "last_loss" in report:
         print(f"[train-lsdm] {report['steps']} steps in {report['wall_s']} s; loss {report['first_loss']:.4f} → "
               f"{report['last_loss']:.4f}; pipeline in {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hyperhuman.evaluate import run_eval
+
+    config = load_config(args.config, args.overrides)
+    if args.num is not None:
+        config["num"] = args.num
+    report = run_eval(args.model, args.shards, args.output, config)
+    for name, value in report["metrics"].items():
+        shown = "skipped: " + report["skipped"][name] if value is None else f"{value:.4f}"
+        print(f"[eval] {name:<16} {shown}")
+    print(f"[eval] {report['info']['samples']} samples; gallery: {report['gallery']}")
+    return 0
+
+
+def _gallery_shards(args: argparse.Namespace) -> int:
+    from hyperhuman.gallery import shard_gallery
+
+    index = shard_gallery(args.shards, args.output, page_size=args.page_size)
+    print(f"[gallery] open {index}")
+    return 0
+
+
+def _gallery_run(args: argparse.Namespace) -> int:
+    from hyperhuman.gallery import generation_gallery
+
+    index = generation_gallery(args.run, args.output, page_size=args.page_size)
+    print(f"[gallery] open {index}")
     return 0
 
 
@@ -185,8 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train_lsdm, "lsdm/tiny")
     train_lsdm.set_defaults(func=_train_lsdm)
 
+    evaluate = commands.add_parser(
+        "eval", help="generate from shards' poses and captions; FID, KID, CLIP and pose metrics; a gallery"
+    )
+    evaluate.add_argument("--model", required=True, help="a train-lsdm output folder or a saved pipeline folder")
+    evaluate.add_argument("--shards", required=True, help="HumanVerse shards: conditions and reference images")
+    evaluate.add_argument("--num", type=int, default=None, help="eval samples (default: the config's num)")
+    evaluate.add_argument("--output", default=None, help="where to write (default: MODEL/eval)")
+    _add_config_options(evaluate, "eval/default")
+    evaluate.set_defaults(func=_eval)
+
+    gallery_parser = commands.add_parser("gallery", help="static HTML galleries of shards or of an eval run")
+    gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True, metavar="KIND")
+    shards_gallery = gallery_commands.add_parser("shards", help="kept samples with every modality, and rejected rows")
+    shards_gallery.add_argument("shards", help="dataset root")
+    shards_gallery.add_argument("output", help="folder for index.html, pages and thumbnails")
+    shards_gallery.add_argument("--page-size", type=int, default=100, help="samples per page (default: 100)")
+    shards_gallery.set_defaults(func=_gallery_shards)
+    run_gallery = gallery_commands.add_parser("run", help="the generations of `hyperhuman eval` with their scores")
+    run_gallery.add_argument("run", help="an eval output folder (metrics.json + samples.jsonl)")
+    run_gallery.add_argument("output", nargs="?", default=None, help="default: RUN/gallery")
+    run_gallery.add_argument("--page-size", type=int, default=100, help="samples per page (default: 100)")
+    run_gallery.set_defaults(func=_gallery_run)
+
     demo = commands.add_parser("demo", help="run the pipeline end to end on offline defaults (make demo)")
     demo.add_argument("--output", default="demo_output", help="where the demo writes (default: demo_output)")
+    demo.add_argument("--data", default=None, help="your own folder of images (+ NAME.txt captions) instead")
     _add_config_options(demo, "demo")
     demo.set_defaults(func=_demo)
     return parser

@@ -1,18 +1,30 @@
-"""``make demo``: run what exists of the pipeline on photos that ship inside packages.
+"""``make demo``: the whole pipeline on offline defaults, on photos that ship inside packages.
 
-Today: export the public-domain photos (with captions), run the annotation job on Ray Data
-with the offline default annotators (``configs/annotate/offline.yaml``), validate and inspect
-the shards, and save a preview strip per sample rendered from what the shards hold. Later
-stages (LSDM sampling, evaluation) join as they land.
+Stages, each writing one folder under OUTPUT, each resumed rather than redone on a rerun:
+
+1. ``photos/``     the public-domain photos (or ``--data DIR``, your own images + NAME.txt captions)
+2. ``shards/``     the annotation job on Ray Data (``configs/annotate/offline.yaml``), validated
+3. ``gallery/shards/``  the shard gallery (kept samples with every modality, rejected rows)
+4. ``vae/``        the offline VAE (``hyperhuman train-vae``; skipped once ``vae/vae`` exists)
+5. ``lsdm/``       a tiny LSDM (``hyperhuman train-lsdm``; resumes from its latest checkpoint)
+6. ``eval/``       generations from the shards' poses and captions, ``metrics.json`` and the
+                   generation gallery (``hyperhuman eval``; resumes by sample key)
+
+The stage configs are the usual ones (``configs/vae/tiny.yaml``, ``configs/lsdm/tiny.yaml``,
+``configs/eval/default.yaml``) with the overrides in ``configs/demo.yaml``, which size the
+training runs to the demo's budget (under 15 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from hyperhuman.config import apply_overrides, load_config
 
 
 def packaged_photos() -> dict[str, np.ndarray]:
@@ -25,42 +37,49 @@ def packaged_photos() -> dict[str, np.ndarray]:
     return {"astronaut": skimage.data.astronaut(), "grace_hopper": grace_hopper}
 
 
-def preview(sample: dict) -> np.ndarray:
-    """Image | skeleton | mask | depth | normal, side by side, from a decoded shard sample."""
-    from annotators.render import render_depth, render_normal, render_pose
-
-    kind = sample["json"]["annotations"]["depth"]["kind"]
-    mask = np.repeat(sample["mask.png"][..., None], 3, axis=2)
-    panels = [
-        sample["jpg"],
-        render_pose(sample["pose.json"]),
-        mask,
-        render_depth(sample["depth.png"], kind),
-        render_normal(sample["normal.png"]),
-    ]
-    return np.concatenate(panels, axis=1)
-
-
-def run_demo(config: dict, output: str) -> int:
-    from hyperhuman.config import apply_overrides, load_config
-    from pipelines.job import run_job
-    from shards.reader import complete_shard_urls, read_shard
-    from shards.validate import inspect, validate
-
-    output_dir = Path(output)
-    photo_dir = output_dir / "photos"
+def export_photos(config: dict, photo_dir: Path) -> None:
     photo_dir.mkdir(parents=True, exist_ok=True)
     photos = packaged_photos()
     for name, caption in config["photos"].items():
-        Image.fromarray(photos[name]).save(photo_dir / f"{name}.png")
-        (photo_dir / f"{name}.txt").write_text(caption + "\n")
-    print(f"[demo] exported {len(config['photos'])} public-domain photos to {photo_dir}")
+        if not (photo_dir / f"{name}.png").is_file():
+            Image.fromarray(photos[name]).save(photo_dir / f"{name}.png")
+            (photo_dir / f"{name}.txt").write_text(caption + "\n")
+    print(f"[demo] photos: {len(config['photos'])} public-domain photos in {photo_dir}")
 
-    job_config = apply_overrides(load_config(config["job_config"]), config.get("job_overrides", []))
+
+def stage_config(name: str, overrides: list[str], extra: dict[str, object]) -> dict:
+    """A stage's config file with the demo's overrides, then the demo's own paths."""
+    return apply_overrides(load_config(name), [*overrides, *(f"{key}={value}" for key, value in extra.items())])
+
+
+def run_demo(config: dict, output: str, data: str | None = None) -> int:
+    from hyperhuman.evaluate import run_eval
+    from hyperhuman.gallery import shard_gallery
+    from hyperhuman.lsdm.train import train_lsdm
+    from hyperhuman.vae import train_vae
+    from pipelines.job import run_job
+    from shards.validate import validate
+
+    started = time.perf_counter()
+    output_dir = Path(output)
+    times = {}
+
+    if data:
+        photo_dir = Path(data)
+        print(f"[demo] photos: your images in {photo_dir}")
+    else:
+        photo_dir = output_dir / "photos"
+        export_photos(config, photo_dir)
+
     shard_dir = output_dir / "shards"
-    report = run_job(str(photo_dir), str(shard_dir), job_config, overwrite=True)
-    print(f"[demo] annotation job: {report['samples']} samples kept, rows {report['counts']}")
-
+    stage_started = time.perf_counter()
+    job_config = apply_overrides(load_config(config["job_config"]), config.get("job_overrides", []))
+    report = run_job(str(photo_dir), str(shard_dir), job_config)
+    times["annotate"] = time.perf_counter() - stage_started
+    print(f"[demo] shards: {report['samples']} samples kept, rows {report['counts']} in {shard_dir}")
+    if not report["samples"]:
+        print("[demo] no sample passed the filters (1–3 people, each large enough): nothing to train on")
+        return 1
     problems = validate(str(shard_dir))
     for problem in problems:
         print(f"[demo] {problem}")
@@ -68,14 +87,44 @@ def run_demo(config: dict, output: str) -> int:
         print(f"[demo] validation FAILED with {len(problems)} problem(s)")
         return 1
     print("[demo] validation OK")
-    print(json.dumps(inspect(str(shard_dir)), indent=2))
 
-    preview_dir = output_dir / "previews"
-    preview_dir.mkdir(parents=True, exist_ok=True)
-    for url in complete_shard_urls(str(shard_dir)):
-        for sample in read_shard(url):
-            name = Path(sample["json"]["source"]).stem
-            Image.fromarray(preview(sample)).save(preview_dir / f"{name}.png")
-    print(f"[demo] previews (image | pose | mask | depth | normal) in {preview_dir}")
-    print("[demo] not built yet: LSDM, SGR, evaluation (see README.md)")
+    shard_index = shard_gallery(str(shard_dir), str(output_dir / "gallery" / "shards"))
+    print(f"[demo] shard gallery: {shard_index}")
+
+    vae_dir = output_dir / "vae"
+    stage_started = time.perf_counter()
+    if (vae_dir / "vae" / "config.json").is_file():
+        print(f"[demo] vae: already trained in {vae_dir / 'vae'}")
+    else:
+        vae_config = stage_config(config["vae_config"], config.get("vae_overrides", []), {
+            "output": vae_dir, "data.train": shard_dir,
+        })  # fmt: skip
+        vae_report = train_vae(vae_config)
+        print(f"[demo] vae: PSNR {vae_report['psnr_db']} dB in {vae_report['train_s']} s")
+    times["vae"] = time.perf_counter() - stage_started
+
+    lsdm_dir = output_dir / "lsdm"
+    stage_started = time.perf_counter()
+    if (lsdm_dir / "train_report.json").is_file() and (lsdm_dir / "pipeline" / "model_index.json").is_file():
+        print(f"[demo] lsdm: already trained in {lsdm_dir}")
+    else:
+        lsdm_config = stage_config(config["lsdm_config"], config.get("lsdm_overrides", []), {
+            "output": lsdm_dir, "data.train": shard_dir, "model.vae": vae_dir / "vae",
+        })  # fmt: skip
+        lsdm_report = train_lsdm(lsdm_config, resume="latest")
+        print(f"[demo] lsdm: {lsdm_report.get('steps')} steps, loss {lsdm_report.get('last_loss')}")
+    times["lsdm"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    eval_config = stage_config(config["eval_config"], config.get("eval_overrides", []), {})
+    eval_report = run_eval(str(lsdm_dir), str(shard_dir), str(output_dir / "eval"), eval_config)
+    times["eval"] = time.perf_counter() - stage_started
+    shown = {name: value for name, value in eval_report["metrics"].items() if value is not None}
+    print(f"[demo] eval: {json.dumps({name: round(value, 4) for name, value in shown.items()})}")
+    print(f"[demo] skipped (no weights here): {', '.join(eval_report['skipped']) or 'nothing'}")
+
+    stage_times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in times.items())
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s ({stage_times})")
+    print(f"[demo] shard gallery:      {shard_index}")
+    print(f"[demo] generation gallery: {eval_report['gallery']}")
     return 0

@@ -69,5 +69,17 @@ if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
     "${PIP[@]}" install -q --no-deps --force-reinstall "$wheel"
 fi
 
+# Debian's Chromium, headless: the gallery tests load the HTML from disk and check every image.
+if ! command -v "${HYPERHUMAN_CHROMIUM:-chromium}" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "Debian chromium (headless browser for the gallery tests)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+    else
+        say "WARNING: no chromium; install it (apt-get install chromium) or set HYPERHUMAN_CHROMIUM," \
+            "else the gallery browser test is skipped"
+    fi
+fi
+
 say "checking the environment"
 "$VENV/bin/python" scripts/check_env.py

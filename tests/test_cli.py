@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -81,11 +82,37 @@ def test_pack_records_unreadable_images_as_failed_rows(tmp_path, capsys):
     assert "not a readable image" in rows[1]["reason"]
 
 
+# The demo at reduced size: every stage, then a rerun that resumes each one instead of redoing it.
+DEMO_AT_TOY_SIZE = [
+    "--set", 'vae_overrides=["train.max_steps=4", "train.scale_samples=2", "train.eval_samples=2", '
+             '"data.num_workers=0"]',
+    "--set", 'lsdm_overrides=["train.max_train_steps=4", "train.checkpointing_steps=2", "validation.every=4", '
+             '"validation.num_inference_steps=2", "train.batch_size=2", "model.latent_stats_batches=1", '
+             '"data.num_workers=0"]',
+    "--set", 'eval_overrides=["num_inference_steps=2", "batch_size=2"]',
+]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    result = subprocess.run(
-        [str(REPO_ROOT / ".venv" / "bin" / "hyperhuman"), "demo", "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path):
+    command = [str(REPO_ROOT / ".venv" / "bin" / "hyperhuman"), "demo", "--output", str(tmp_path), *DEMO_AT_TOY_SIZE]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[demo] validation OK" in result.stdout
+    for path in (
+        "shards/manifest.json",
+        "gallery/shards/index.html",
+        "vae/vae/config.json",
+        "lsdm/pipeline/model_index.json",
+        "eval/metrics.json",
+        "eval/gallery/index.html",
+    ):
+        assert (tmp_path / path).is_file(), path
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["info"]["samples"] == 2 and metrics["metrics"]["pose_ap"] is not None
+    assert f"generation gallery: {tmp_path / 'eval' / 'gallery' / 'index.html'}" in result.stdout
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "[demo] vae: already trained" in rerun.stdout and "[demo] lsdm: already trained" in rerun.stdout
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["info"]["generated_now"] == 0

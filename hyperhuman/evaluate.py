@@ -1,0 +1,313 @@
+"""``hyperhuman eval``: generate from the poses and captions of shards, score, write a gallery.
+
+The eval set is the first ``num`` kept samples of the shards, in shard order: each one's caption
+and COCO-17 pose (centre-cropped to the model's square resolution, as the training reader
+crops) are the conditions, its photo (the same crop) is the reference image. Sample ``i`` is
+generated with seed ``seed + i``, so a rerun gives the same images and the same numbers (with
+another batch size, up to one level of rounding in a few pixels).
+
+Scores (:mod:`hyperhuman.metrics`):
+
+- pose accuracy, always: the pose annotator (the annotation job's offline default unless
+  configured) runs on each generated RGB image, upscaled to ``pose_resolution``, and its people
+  are scored against the conditioning pose with COCO OKS → AP, AP50, AP75, AR and the "clean"
+  AP/AR over the 3 most salient people; per sample, the OKS of each conditioning person's best
+  match;
+- FID and KID×1000 against the reference crops, when Inception weights are given
+  (``inception: PATH``);
+- FID_CLIP and CLIP score, when a CLIP folder is given (``clip: PATH``).
+
+A metric that cannot be computed is ``null`` in ``metrics.json`` with the reason under
+``skipped``: numbers are never made up from weights we do not have.
+
+Output (``--output``, default ``MODEL/eval``)::
+
+    samples/KEY/{pose,rgb,depth,normal,reference}.png   generations and their conditions
+    samples.jsonl     one line per sample: key, prompt, seed, images, pose_score
+    metrics.json      the scores, what was skipped and why, and the settings that made them
+    gallery/index.html
+
+Generation resumes by key: a sample whose images all exist is not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_NAMES = ("pose", "rgb", "depth", "normal", "reference")
+DEFAULTS = {
+    "num": 16,
+    "seed": 0,
+    "batch_size": 4,
+    "num_inference_steps": 20,
+    "guidance_scale": 3.0,
+    "resolution": None,
+    "pose_annotator": {"name": "mediapipe-pose", "options": {"erase_rounds": 3}},
+    "pose_resolution": 256,
+    "inception": None,
+    "clip": None,
+    "kid_subsets": 100,
+    "kid_subset_size": 1000,
+    "storage_options": {},
+}
+
+
+def check_eval_config(config: dict) -> dict:
+    """The ``eval`` settings with defaults filled in; a ValueError naming any bad key or value."""
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown eval keys {unknown}; known: {sorted(DEFAULTS)} (see configs/eval/default.yaml)")
+    settings = {**DEFAULTS, **config}
+    for key in ("num", "batch_size", "num_inference_steps", "pose_resolution", "kid_subsets", "kid_subset_size"):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"eval.{key} must be a positive integer, got {value!r}")
+    for key in ("inception", "clip"):
+        if settings[key] and not os.path.exists(settings[key]):
+            raise ValueError(f"eval.{key}={settings[key]!r} does not exist; give a local path or null to skip")
+    return settings
+
+
+def pipeline_path(model: str | os.PathLike) -> Path:
+    """A saved pipeline folder, or a training run folder holding one in ``pipeline/``."""
+    model = Path(model)
+    for candidate in (model, model / "pipeline"):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise ValueError(
+        f"no pipeline at {str(model)!r} (no model_index.json there or in its pipeline/ folder): "
+        "train one with `hyperhuman train-lsdm` and pass its output folder"
+    )
+
+
+def model_resolution(pipe) -> int:
+    return pipe.unet.config.unet["sample_size"] * pipe.vae_scale_factor
+
+
+def eval_conditions(shards: str, num: int, resolution: int, storage_options: dict | None = None) -> list[dict]:
+    """The first ``num`` samples of the shards as conditions: key, caption, the pose mapped into a
+    centred square crop at ``resolution`` and that crop of the photo (uint8)."""
+    from shards.dataset import SampleTransform, crop_keypoints
+    from shards.reader import expand_urls, read_shard
+
+    try:
+        urls = expand_urls(shards, storage_options)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--shards {shards!r}: {exc}; make shards with `hyperhuman annotate`") from exc
+    transform = SampleTransform(resolution, random_crop=False, flip_prob=0.0)
+    conditions = []
+    for url in urls:
+        for sample in read_shard(url, storage_options=storage_options):
+            image_h, image_w = sample["jpg"].shape[:2]
+            box = transform.crop_box(image_w, image_h)
+            x0, y0, crop_w, crop_h = box
+            scale_x, scale_y = resolution / crop_w, resolution / crop_h
+            people = []
+            for person in sample.get("pose.json", {"people": []})["people"]:
+                bx0, by0, bx1, by1 = person["bbox"]
+                bbox = [(bx0 - x0) * scale_x, (by0 - y0) * scale_y, (bx1 - x0) * scale_x, (by1 - y0) * scale_y]
+                bbox = np.clip(bbox, 0, resolution).tolist()
+                keypoints = crop_keypoints(person["keypoints"], box, (resolution, resolution))
+                people.append({"bbox": bbox, "score": person.get("score", 1.0), "keypoints": keypoints.tolist()})
+            reference = transform(sample)["pixel_values"]
+            conditions.append(
+                {
+                    "key": sample["__key__"],
+                    "caption": sample.get("txt", ""),
+                    "pose": {"width": resolution, "height": resolution, "people": people},
+                    "reference": ((reference.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
+                }
+            )
+            if len(conditions) == num:
+                return conditions
+    if not conditions:
+        raise ValueError(f"--shards {shards!r} holds no samples; make shards with `hyperhuman annotate`")
+    return conditions
+
+
+def sample_dir(output: Path, key: str) -> Path:
+    return output / "samples" / key
+
+
+def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
+    """Generate every condition whose images are not all on disk yet; returns how many were made."""
+    todo = [
+        (index, condition)
+        for index, condition in enumerate(conditions)
+        if not all((sample_dir(output, condition["key"]) / f"{name}.png").is_file() for name in IMAGE_NAMES)
+    ]
+    for start in range(0, len(todo), settings["batch_size"]):
+        chunk = todo[start : start + settings["batch_size"]]
+        generators = [torch.Generator().manual_seed(settings["seed"] + index) for index, _ in chunk]
+        result = pipe(
+            [condition["caption"] for _, condition in chunk],
+            pose=[condition["pose"] for _, condition in chunk],
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            generator=generators,
+        )
+        for position, (_, condition) in enumerate(chunk):
+            folder = sample_dir(output, condition["key"])
+            folder.mkdir(parents=True, exist_ok=True)
+            images = {
+                "pose": result.pose[position],
+                "rgb": result.rgb[position],
+                "depth": result.depth[position],
+                "normal": result.normal[position],
+                "reference": PIL.Image.fromarray(condition["reference"]),
+            }
+            # reference last: with it on disk the sample is complete, so a kill mid-write regenerates it
+            for name in IMAGE_NAMES:
+                write_png_atomically(images[name], folder / f"{name}.png")
+        print(f"[eval] generated {start + len(chunk)}/{len(todo)}", flush=True)
+    return len(todo)
+
+
+def write_png_atomically(image: PIL.Image.Image, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def detect_poses(conditions: list[dict], output: Path, settings: dict) -> list[dict]:
+    """The pose annotator on each generated RGB image (upscaled to ``pose_resolution``), people in
+    the generation's pixels."""
+    from annotators.registry import build_annotator
+
+    annotator = build_annotator(settings["pose_annotator"])
+    side = settings["pose_resolution"]
+    detections = []
+    for condition in conditions:
+        rgb = PIL.Image.open(sample_dir(output, condition["key"]) / "rgb.png").convert("RGB")
+        scale = rgb.width / side
+        found = annotator([np.asarray(rgb.resize((side, side), PIL.Image.BICUBIC))])[0]
+        people = []
+        for person in found["people"]:
+            keypoints = np.asarray(person["keypoints"], dtype=np.float64)
+            keypoints[:, :2] *= scale
+            people.append(
+                {
+                    "bbox": (np.asarray(person["bbox"], dtype=np.float64) * scale).tolist(),
+                    "score": float(person.get("score", 1.0)),
+                    "keypoints": keypoints.tolist(),
+                }
+            )
+        detections.append({"width": rgb.width, "height": rgb.height, "people": people})
+    return detections
+
+
+def load_images(conditions: list[dict], output: Path, name: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) of one image kind of every sample."""
+    paths = [sample_dir(output, condition["key"]) / f"{name}.png" for condition in conditions]
+    arrays = [np.asarray(PIL.Image.open(path).convert("RGB")) for path in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, list[dict | None]]:
+    """All metrics the configured weights allow, plus per-sample pose scores."""
+    from hyperhuman import metrics
+
+    results, skipped, timings = {}, {}, {}
+    started = time.perf_counter()
+    ground_truth = [condition["pose"] for condition in conditions]
+    detections = detect_poses(conditions, output, settings)
+    results.update(metrics.pose_metrics(ground_truth, detections))
+    per_sample = [
+        metrics.pose_sample_score(truth, found) for truth, found in zip(ground_truth, detections, strict=True)
+    ]
+    timings["pose_s"] = round(time.perf_counter() - started, 2)
+
+    generated = load_images(conditions, output, "rgb")
+    reference = load_images(conditions, output, "reference")
+    if settings["inception"]:
+        started = time.perf_counter()
+        inception = metrics.InceptionFeatures(settings["inception"])
+        real, fake = inception(reference), inception(generated)
+        results["fid"] = metrics.fid_from_features(real, fake)
+        kid_mean, kid_std = metrics.kid_from_features(
+            real, fake, subsets=settings["kid_subsets"], subset_size=settings["kid_subset_size"], seed=settings["seed"]
+        )
+        results["kid_x1000"], results["kid_x1000_std"] = 1000 * kid_mean, 1000 * kid_std
+        timings["inception_s"] = round(time.perf_counter() - started, 2)
+    else:
+        for name in ("fid", "kid_x1000"):
+            results[name] = None
+            skipped[name] = "no Inception weights: set eval.inception=PATH (pt_inception-2015-12-05 .pth)"
+    if settings["clip"]:
+        started = time.perf_counter()
+        clip = metrics.ClipFeatures(settings["clip"])
+        prompts = [condition["caption"] for condition in conditions]
+        results["fid_clip"] = metrics.fid_clip(clip, reference, generated)
+        results["clip_score"] = metrics.clip_score(clip, generated, prompts)
+        timings["clip_s"] = round(time.perf_counter() - started, 2)
+    else:
+        for name in ("fid_clip", "clip_score"):
+            results[name] = None
+            skipped[name] = "no CLIP weights: set eval.clip=PATH (a CLIPModel folder, e.g. clip-vit-large-patch14)"
+    return {"metrics": results, "skipped": skipped, "time_s": timings}, per_sample
+
+
+def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
+    """Generate, score and render; returns what ``metrics.json`` holds."""
+    from hyperhuman.gallery import generation_gallery
+    from hyperhuman.lsdm.pipeline import HyperHumanPipeline
+
+    settings = check_eval_config(config)
+    started = time.perf_counter()
+    path = pipeline_path(model)
+    output = Path(output) if output else path.parent / "eval" if path.name == "pipeline" else path / "eval"
+    pipe = HyperHumanPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = settings["resolution"] or model_resolution(pipe)
+    conditions = eval_conditions(shards, settings["num"], resolution, settings["storage_options"])
+
+    generation_started = time.perf_counter()
+    generated = generate(pipe, conditions, output, settings)
+    generation_s = time.perf_counter() - generation_started
+    scores, per_sample = score(conditions, output, settings)
+
+    records = []
+    for index, (condition, pose_score) in enumerate(zip(conditions, per_sample, strict=True)):
+        folder = sample_dir(output, condition["key"]).relative_to(output)
+        records.append(
+            {
+                "key": condition["key"],
+                "prompt": condition["caption"],
+                "seed": settings["seed"] + index,
+                "images": {name: f"{folder.as_posix()}/{name}.png" for name in IMAGE_NAMES},
+                "pose_score": pose_score,
+                "meta": {"people": len(condition["pose"]["people"])},
+            }
+        )
+    write_text_atomically(output / "samples.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+    report = {
+        **scores,
+        "info": {
+            "model": str(path),
+            "shards": str(shards),
+            "samples": len(conditions),
+            "generated_now": generated,
+            "resolution": resolution,
+            **{key: settings[key] for key in ("seed", "num_inference_steps", "guidance_scale", "pose_resolution")},
+            "pose_annotator": settings["pose_annotator"],
+            "generation_s": round(generation_s, 2),
+            "wall_s": round(time.perf_counter() - started, 2),
+        },
+    }
+    write_text_atomically(output / "metrics.json", json.dumps(report, indent=2))
+    report["gallery"] = str(generation_gallery(str(output)))
+    return report
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
