@@ -52,6 +52,15 @@ def stage_config(name: str, overrides: list[str], extra: dict[str, object]) -> d
     return apply_overrides(load_config(name), [*overrides, *(f"{key}={value}" for key, value in extra.items())])
 
 
+def fit_batch_to_data(config: dict, key: str, samples: int) -> None:
+    """A handful of your own photos may keep fewer samples than a batch: train on what there is."""
+    section, _, name = key.rpartition(".")
+    section = config[section]
+    if section.get(name, 0) > samples:
+        print(f"[demo] {key} lowered from {section[name]} to {samples}: only {samples} samples were kept")
+        section[name] = samples
+
+
 def run_demo(config: dict, output: str, data: str | None = None) -> int:
     from hyperhuman.evaluate import run_eval
     from hyperhuman.gallery import shard_gallery
@@ -99,6 +108,7 @@ def run_demo(config: dict, output: str, data: str | None = None) -> int:
         vae_config = stage_config(config["vae_config"], config.get("vae_overrides", []), {
             "output": vae_dir, "data.train": shard_dir,
         })  # fmt: skip
+        fit_batch_to_data(vae_config, "data.batch_size", report["samples"])
         vae_report = train_vae(vae_config)
         print(f"[demo] vae: PSNR {vae_report['psnr_db']} dB in {vae_report['train_s']} s")
     times["vae"] = time.perf_counter() - stage_started
@@ -111,6 +121,8 @@ def run_demo(config: dict, output: str, data: str | None = None) -> int:
         lsdm_config = stage_config(config["lsdm_config"], config.get("lsdm_overrides", []), {
             "output": lsdm_dir, "data.train": shard_dir, "model.vae": vae_dir / "vae",
         })  # fmt: skip
+        for key in ("train.batch_size", "validation.num_samples"):
+            fit_batch_to_data(lsdm_config, key, report["samples"])
         lsdm_report = train_lsdm(lsdm_config, resume="latest")
         print(f"[demo] lsdm: {lsdm_report.get('steps')} steps, loss {lsdm_report.get('last_loss')}")
     times["lsdm"] = time.perf_counter() - stage_started

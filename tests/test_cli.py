@@ -116,3 +116,13 @@ def test_demo_runs_every_stage_and_a_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "[demo] vae: already trained" in rerun.stdout and "[demo] lsdm: already trained" in rerun.stdout
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["info"]["generated_now"] == 0
+
+
+def test_demo_fits_batches_to_a_handful_of_own_photos(capsys):
+    from hyperhuman.demo import fit_batch_to_data
+
+    config = {"train": {"batch_size": 8}, "validation": {"num_samples": 2}}
+    fit_batch_to_data(config, "train.batch_size", 3)
+    fit_batch_to_data(config, "validation.num_samples", 3)
+    assert config == {"train": {"batch_size": 3}, "validation": {"num_samples": 2}}
+    assert "train.batch_size lowered from 8 to 3: only 3 samples were kept" in capsys.readouterr().out
