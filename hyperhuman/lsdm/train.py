@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encode_batch
 from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
-
-STATE_FILE = "trainer_state.json"
+from hyperhuman.training import STATE_FILE, image_grid, resolve_resume, save_checkpoint, step_generator
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -130,38 +127,7 @@ def load_latent_norm(value) -> dict | None:
     return value
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
-def checkpoint_dirs(output: Path) -> list[Path]:
-    found = [p for p in (output / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def resolve_resume(output: Path, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        found = [p for p in checkpoint_dirs(output) if (p / STATE_FILE).is_file()]
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (no {STATE_FILE}); use 'latest' or a path")
-    return path
-
-
-def prune_checkpoints(output: Path, limit: int | None) -> None:
-    """Keep room for one more under ``limit`` (the oldest go first)."""
-    if not limit:
-        return
-    existing = checkpoint_dirs(output)
-    for old in existing[: max(0, len(existing) - limit + 1)]:
-        shutil.rmtree(old)
-
-
 # --- training --------------------------------------------------------------------------------------
-def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + process)
-
-
 def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
     """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
     first = latents[names[0]]
@@ -344,15 +310,6 @@ def cached_latents(cache, batch, vae, model, names, generator) -> dict:
     return {name: torch.stack([cache[key][name] for key in batch["key"]]) for name in [*names, "pose"]}
 
 
-def save_checkpoint(accelerator, output: Path, step: int, micro_step: int, batches: Batches, limit) -> Path:
-    prune_checkpoints(output, limit)
-    path = output / "checkpoints" / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    state = {"global_step": step, "micro_step": micro_step, "data": batches.state()}
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
-    return path
-
-
 def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder) -> HyperHumanPipeline:
     """A pipeline over a copy of the trained weights (the EMA weights when EMA is on)."""
     unwrapped = accelerator.unwrap_model(model)
@@ -401,15 +358,6 @@ def run_validation(accelerator, model, ema, vae, tokenizer, text_encoder, valida
     if tracker is not None:
         tracker.add_image("validation", np.asarray(grid), step, dataformats="HWC")
     return path
-
-
-def image_grid(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
-    width, height = rows[0][0].size
-    grid = PIL.Image.new("RGB", (width * len(rows[0]), height * len(rows)))
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (c * width, r * height))
-    return grid
 
 
 def describe(model: LatentStructuralUNet) -> dict:
