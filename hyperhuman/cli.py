@@ -132,6 +132,17 @@ def _train_lsdm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_sgr(args: argparse.Namespace) -> int:
+    from hyperhuman.sgr.train import train_sgr
+
+    config = load_config(args.config, args.overrides)
+    report = train_sgr(config, resume=args.resume)
+    if "last_loss" in report:
+        print(f"[train-sgr] {report['steps']} steps in {report['wall_s']} s; loss {report['first_loss']:.4f} → "
+              f"{report['last_loss']:.4f}; refiner in {config['output']}/refiner")  # fmt: skip
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from hyperhuman.evaluate import run_eval
 
@@ -214,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(train_lsdm, "lsdm/tiny")
     train_lsdm.set_defaults(func=_train_lsdm)
+
+    train_sgr = commands.add_parser("train-sgr", help="train the Structure-Guided Refiner on shards (base UNet frozen)")
+    train_sgr.add_argument(
+        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
+    )
+    _add_config_options(train_sgr, "sgr/tiny")
+    train_sgr.set_defaults(func=_train_sgr)
 
     evaluate = commands.add_parser(
         "eval", help="generate from shards' poses and captions; FID, KID, CLIP and pose metrics; a gallery"

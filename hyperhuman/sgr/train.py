@@ -1,0 +1,280 @@
+"""``hyperhuman train-sgr``: the Structure-Guided Refiner's training recipe (HyperHuman sec. 3.3).
+
+The base UNet is frozen; only the refiner (condition embedders, the trainable encoder copy, the
+zero convs) learns. Each step encodes the image with the frozen VAE, draws one timestep and noise
+per sample, drops each condition (pose render, depth, normal) and the text independently per
+sample (``train.drop``; paper: 0.5 each) so that any subset of conditions works at inference, and
+regresses the base UNet's target (v or noise, as ``scheduler.prediction_type`` says) through
+``refiner_forward``. Conditions come from our shards at the training resolution, through the same
+reader and conversions as the LSDM (:func:`hyperhuman.modalities.batch_to_units`).
+
+The machinery is the LSDM recipe's (:mod:`hyperhuman.training`): accelerate (one CPU process
+here, ``accelerate launch`` on GPUs), gradient accumulation and clipping, AdamW, EMA, checkpoints
+every N steps with a limit, ``--resume latest`` reproducing the uninterrupted run exactly,
+TensorBoard logs. Output: ``checkpoints/``, ``logs/``, ``refiner/`` (``StructureGuidedRefiner``,
+EMA weights when EMA is on) and ``train_report.json``.
+
+Offline there is no pretrained base UNet, so ``configs/sgr/tiny.yaml`` freezes a randomly
+initialised one (``model.unet``): it exercises the machinery, it does not make a useful refiner.
+Real runs give ``model.pretrained_unet`` (the SD-2 or SDXL ``unet/`` folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hyperhuman import modalities
+from hyperhuman.lsdm.data import Batches, check_data
+from hyperhuman.lsdm.pipeline import make_scheduler
+from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
+from hyperhuman.sgr.model import refiner_forward as run_refiner
+from hyperhuman.training import STATE_FILE, resolve_resume, save_checkpoint, step_generator
+
+SECTIONS = ("output", "data", "model", "train")
+
+
+def check_config(config: dict, check_paths: bool = True) -> None:
+    """Everything that would fail an hour in fails here, naming the key to fix."""
+    for section in SECTIONS:
+        if section not in config:
+            raise ValueError(f"training config lacks {section!r}; see configs/sgr/tiny.yaml")
+    model, train, data = config["model"], config["train"], config["data"]
+    conditions = list(model.get("conditions", CONDITIONS))
+    if unknown := [name for name in conditions if name not in CONDITIONS]:
+        raise ValueError(f"model.conditions has unknown names {unknown}; choose from {list(CONDITIONS)}")
+    drop = train.get("drop", PAPER_DROP_PROBABILITIES)
+    if unknown := sorted(set(drop) - {*conditions, TEXT}):
+        raise ValueError(f"train.drop names {unknown}, which are not model.conditions {conditions} or 'text'")
+    if not model.get("vae"):
+        raise ValueError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
+    if not model.get("pretrained_unet") and not model.get("unet"):
+        raise ValueError("set model.pretrained_unet (the base UNet's folder) or model.unet (an architecture)")
+    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
+        if not isinstance(train.get(key), int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    if check_paths:
+        check_data(data)
+        if not os.path.isdir(model["vae"]):
+            raise ValueError(f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae`")
+        if model.get("pretrained_unet") and not os.path.isdir(model["pretrained_unet"]):
+            raise ValueError(f"model.pretrained_unet={model['pretrained_unet']!r} is not a directory")
+
+
+def build_models(model_config: dict, seed: int):
+    """The frozen base UNet and a refiner copied from it."""
+    from diffusers import UNet2DConditionModel
+
+    if model_config.get("pretrained_unet"):
+        base = UNet2DConditionModel.from_pretrained(model_config["pretrained_unet"])
+    else:
+        torch.manual_seed(seed)
+        base = UNet2DConditionModel(**model_config["unet"])
+    if base.config.addition_embed_type == "text_time":
+        raise NotImplementedError(
+            "SDXL-style base UNets (addition_embed_type='text_time') need pooled embeddings from a second "
+            "text encoder and size/crop time_ids; train-sgr does not compute them yet"
+        )
+    torch.manual_seed(seed + 1)
+    refiner = StructureGuidedRefiner.from_unet(
+        base,
+        conditions=tuple(model_config.get("conditions", CONDITIONS)),
+        **{key: tuple(model_config[key]) for key in ("embedder_channels", "embedder_strides") if key in model_config},
+    )
+    return base.requires_grad_(False).eval(), refiner
+
+
+def check_resolution(resolution: int, vae_factor: int, unet: torch.nn.Module) -> None:
+    step = vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution % step:
+        raise ValueError(
+            f"data.resolution={resolution} is not divisible by {step} (VAE factor {vae_factor} × UNet down factor "
+            f"{step // vae_factor}); use a multiple such as {max(step, resolution // step * step)}"
+        )
+
+
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    raise ValueError(f"scheduler.prediction_type={scheduler.config.prediction_type!r}: use v_prediction or epsilon")
+
+
+def train_sgr(config: dict, resume: str | None = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from hyperhuman.text import encode_prompts, load_text_encoder
+    from hyperhuman.vae import load_vae
+
+    check_config(config)
+    output = Path(config["output"])
+    data, model_config, train = config["data"], config["model"], config["train"]
+    seed = config.get("seed", 0)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
+        mixed_precision=train.get("mixed_precision", "no"),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
+    tokenizer, text_encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
+    base, refiner = build_models(model_config, seed)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    check_resolution(data["resolution"], vae_factor, base)
+    strides = list(refiner.config.embedder_strides)
+    if math.prod(strides) != vae_factor:
+        raise ValueError(
+            f"model.embedder_strides={strides} downsample the conditions {math.prod(strides)}× but the VAE's latents "
+            f"are {vae_factor}× smaller than the image: make the strides' product {vae_factor}"
+        )
+    if base.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ValueError(
+            f"the base UNet's cross_attention_dim is {base.config.cross_attention_dim} but the text encoder gives "
+            f"{text_encoder.config.hidden_size}-d states; use the base model's own text encoder"
+        )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, text_encoder, base):
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+    if train.get("gradient_checkpointing"):
+        refiner.enable_gradient_checkpointing()
+    noise_scheduler = make_scheduler(**config.get("scheduler", {}))
+
+    optimizer = torch.optim.AdamW(
+        refiner.parameters(),
+        lr=float(train.get("learning_rate", 1e-5)),
+        weight_decay=float(train.get("weight_decay", 0.01)),
+    )
+    lr_scheduler = get_scheduler(
+        train.get("lr_scheduler", "constant"),
+        optimizer=optimizer,
+        num_warmup_steps=train.get("lr_warmup_steps", 0) * accelerator.num_processes,
+        num_training_steps=train["max_train_steps"] * accelerator.num_processes,
+    )
+    ema = None
+    if train.get("ema", {}).get("use", False):
+        ema = EMAModel(
+            refiner.parameters(),
+            decay=train["ema"].get("decay", 0.9999),
+            model_cls=StructureGuidedRefiner,
+            model_config=refiner.config,
+        )
+        accelerator.register_for_checkpointing(ema)
+    refiner, optimizer, lr_scheduler = accelerator.prepare(refiner, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    global_step, micro_step, stream_state = 0, 0, {"epoch": 0, "batches_in_epoch": 0}
+    checkpoint = resolve_resume(output, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        global_step, micro_step, stream_state = state["global_step"], state["micro_step"], state["data"]
+        accelerator.print(f"[train-sgr] resumed from {checkpoint} at step {global_step}")
+    elif resume and resume != "latest":
+        raise ValueError(f"--resume {resume!r} not found")
+    batches = Batches(data, train["batch_size"], seed, **stream_state)
+    empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
+    drop = dict(train.get("drop", PAPER_DROP_PROBABILITIES))
+    names = list(model_config.get("conditions", CONDITIONS))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sgr", config={"max_train_steps": train["max_train_steps"]})
+
+    losses, started = [], time.perf_counter()
+    refiner.train()
+    while global_step < train["max_train_steps"]:
+        batch = next(batches)
+        generator = step_generator(seed, micro_step, accelerator.process_index)
+        micro_step += 1
+        with accelerator.accumulate(refiner):
+            loss = refiner_loss(
+                refiner, base, vae, noise_scheduler, batch, names, drop, generator,
+                text=(tokenizer, text_encoder, empty_states, empty_mask), dtype=weight_dtype,
+            )  # fmt: skip
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and train.get("max_grad_norm"):
+                accelerator.clip_grad_norm_(refiner.parameters(), train["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(refiner.parameters())
+        losses.append(loss.item())
+        accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if global_step % train.get("log_every", 10) == 0 or global_step == 1:
+            accelerator.print(f"[train-sgr] step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}")
+        if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
+            save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
+
+    accelerator.wait_for_everyone()
+    report = {"steps": global_step, "wall_s": round(time.perf_counter() - started, 2), "losses": losses}
+    if accelerator.is_main_process:
+        final = trained_refiner(accelerator, refiner, ema)
+        final.save_pretrained(output / "refiner")
+        if losses:
+            report.update(first_loss=losses[0], last_loss=losses[-1])
+        (output / "train_report.json").write_text(json.dumps(report, indent=1))
+    accelerator.end_training()
+    return report
+
+
+def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *, text, dtype) -> torch.Tensor:
+    """One micro-batch: encode, noise, drop conditions and text per sample, regress the base's target."""
+    from hyperhuman.text import encode_prompts
+
+    tokenizer, text_encoder, empty_states, empty_mask = text
+    device = base.device
+    units = modalities.batch_to_units(batch)
+    with torch.no_grad():
+        posterior = vae.encode(units["rgb"].to(device, dtype)).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = latents * vae.config.scaling_factor
+        states, mask = encode_prompts(tokenizer, text_encoder, list(batch["caption"]), device)
+    batch_size = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    dropped = drop_conditions(
+        {name: units[name].to(device, dtype) for name in names},
+        states.to(dtype),
+        drop,
+        generator,
+        empty_text_states=empty_states.to(dtype),
+    )
+    mask = torch.where(dropped.text_kept[:, None].to(mask.device), mask, empty_mask)
+    prediction = run_refiner(
+        base,
+        refiner,
+        noisy,
+        timesteps,
+        dropped.text_states,
+        dropped.conditions,
+        condition_masks=dropped.condition_masks,
+        encoder_attention_mask=mask,
+    )
+    target = training_target(scheduler, latents, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def trained_refiner(accelerator, refiner, ema) -> StructureGuidedRefiner:
+    """A copy of the trained refiner (the EMA weights when EMA is on)."""
+    unwrapped = accelerator.unwrap_model(refiner)
+    final = StructureGuidedRefiner.from_config(unwrapped.config)
+    final.load_state_dict(unwrapped.state_dict())
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    return final.eval()

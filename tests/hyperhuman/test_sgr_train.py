@@ -1,0 +1,108 @@
+"""train-sgr end to end at toy size: checkpoints, exact resume, the base stays frozen, config errors."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
+from hyperhuman.sgr.model import StructureGuidedRefiner
+from hyperhuman.sgr.train import train_sgr
+from shards.testing import make_sample
+from shards.writer import ShardWriter
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sgr-shards")
+    with ShardWriter(str(root), 0, max_samples=3) as writer:
+        for index in range(6):
+            writer.write(make_sample(f"s{index}", height=24, width=32, seed=index, people=1 + index % 2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    tiny_vae().save_pretrained(path)
+    return path
+
+
+def config_for(output, shards, vae_dir, **train):
+    return {
+        "output": str(output),
+        "seed": 0,
+        "data": {"train": str(shards), "resolution": 16, "shuffle_buffer": 4, "num_workers": 0},
+        "model": {
+            "unet": {**TINY_UNET, "cross_attention_dim": 384},
+            "embedder_channels": [8, 8, 16, 16],
+            "embedder_strides": [1, 1, 2, 1],  # the tiny VAE downsamples 2×
+            "vae": str(vae_dir),
+            "text_encoder": "minilm",
+        },
+        "train": {
+            "batch_size": 2,
+            "max_train_steps": 6,
+            "checkpointing_steps": 2,
+            "checkpoints_total_limit": 2,
+            "learning_rate": 1e-3,
+            "ema": {"use": True, "decay": 0.9},
+            "log_every": 100,
+            **train,
+        },
+    }
+
+
+@pytest.mark.slow
+def test_training_keeps_checkpoints_and_resumes_exactly(shards, vae_dir, tmp_path):
+    output = tmp_path / "run"
+    report = train_sgr(config_for(output, shards, vae_dir))
+    assert report["steps"] == 6 and len(report["losses"]) == 6
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    refiner = StructureGuidedRefiner.from_pretrained(output / "refiner")
+    assert refiner.config.conditions == ["pose", "depth", "normal"]
+    # only the refiner trains: the zero convs have left zero (the conditions reach the base UNet)
+    assert any(p.abs().sum() > 0 for name, p in refiner.named_parameters() if name.startswith("controlnet_"))
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(output / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    again = train_sgr(config_for(resumed, shards, vae_dir), resume="latest")
+    assert again["losses"] == report["losses"][4:]
+    original = load_file(output / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    replayed = load_file(resumed / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(original[name], replayed[name]) for name in original)
+    final = [load_file(path / "refiner" / "diffusion_pytorch_model.safetensors") for path in (output, resumed)]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])  # the EMA weights
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["data"].update(train=None), "data.train is not set"),
+        (lambda c: c["model"].update(conditions=["pose", "albedo"]), r"unknown names \['albedo'\]"),
+        (lambda c: c["train"].update(drop={"segmentation": 0.5}), r"train.drop names \['segmentation'\]"),
+        (lambda c: c["data"].update(resolution=18), "not divisible by 4"),
+        (lambda c: c["model"].update(vae="/nonexistent/vae"), "hyperhuman train-vae"),
+        (lambda c: c["model"].update(pretrained_unet="/nonexistent/unet"), "model.pretrained_unet="),
+        (lambda c: c["train"].update(max_train_steps=0), "train.max_train_steps must be a positive integer"),
+        (lambda c: c["model"].update(embedder_strides=[1, 2, 2, 2]), "strides"),
+    ],
+)
+def test_bad_configs_fail_at_start_naming_the_key(change, message, shards, vae_dir, tmp_path):
+    config = config_for(tmp_path / "run", shards, vae_dir)
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        train_sgr(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_tiny_config_checks():
+    from hyperhuman.config import load_config
+    from hyperhuman.sgr.train import check_config
+
+    config = load_config("sgr/tiny")
+    check_config(config, check_paths=False)
+    assert config["train"]["drop"] == {"pose": 0.5, "depth": 0.5, "normal": 0.5, "text": 0.5}
