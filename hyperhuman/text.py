@@ -44,9 +44,11 @@ def load_text_encoder(name_or_path: str, tokenizer_path: str | None = None):
 
 
 def _sibling_tokenizer(path: str) -> str:
-    """SD layouts keep the tokenizer beside the text encoder: ``.../text_encoder`` → ``.../tokenizer``."""
-    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")
-    return sibling if os.path.basename(os.path.normpath(path)) == "text_encoder" and os.path.isdir(sibling) else path
+    """SD layouts keep the tokenizer beside the text encoder: ``.../text_encoder`` → ``.../tokenizer``
+    (SDXL's second: ``.../text_encoder_2`` → ``.../tokenizer_2``)."""
+    name = os.path.basename(os.path.normpath(path))
+    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), name.replace("text_encoder", "tokenizer"))
+    return sibling if name.startswith("text_encoder") and os.path.isdir(sibling) else path
 
 
 def _is_clip(path: str) -> bool:
@@ -75,3 +77,41 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> 
         return states, torch.ones_like(tokens.input_ids)
     states = text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
     return states, tokens.attention_mask
+
+
+def load_sdxl_text_encoders(path: str, path_2: str):
+    """SDXL's two text encoders by path: CLIP ViT-L (``text_encoder``) and OpenCLIP ViT-bigG with its
+    projection (``text_encoder_2``), tokenizers from the sibling ``tokenizer``/``tokenizer_2`` folders.
+    Returns ``(tokenizers, encoders)``."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    loaded = []
+    for model_class, folder in ((CLIPTextModel, path), (CLIPTextModelWithProjection, path_2)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(_sibling_tokenizer(folder))
+            encoder = model_class.from_pretrained(folder).requires_grad_(False).eval()
+        except OSError as exc:
+            raise OSError(
+                f"cannot load the SDXL text encoder {folder!r}: {exc}. Set model.text_encoder and "
+                "model.text_encoder_2 to .../stable-diffusion-xl-base-1.0/text_encoder and .../text_encoder_2"
+            ) from exc
+        loaded.append((tokenizer, encoder))
+    return [tokenizer for tokenizer, _ in loaded], [encoder for _, encoder in loaded]
+
+
+@torch.no_grad()
+def encode_sdxl_prompts(tokenizers, encoders, prompts: list[str], device=None):
+    """SDXL's conditioning, as its pipeline computes it: the penultimate hidden states of both
+    encoders concatenated ``(B, 77, D1 + D2)``, an all-ones mask, and the second encoder's projected
+    pooled embedding ``(B, P)`` (``added_cond_kwargs["text_embeds"]``)."""
+    device = device or encoders[0].device
+    states = []
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+        ids = tokenizer(
+            list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]
+    states = torch.cat(states, dim=-1)
+    return states, torch.ones(states.shape[:2], dtype=torch.long, device=device), pooled

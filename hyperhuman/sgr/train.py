@@ -14,6 +14,10 @@ every N steps with a limit, ``--resume latest`` reproducing the uninterrupted ru
 TensorBoard logs. Output: ``checkpoints/``, ``logs/``, ``refiner/`` (``StructureGuidedRefiner``,
 EMA weights when EMA is on) and ``train_report.json``.
 
+SDXL-style bases (``addition_embed_type: text_time``) take ``model.text_encoder`` and
+``model.text_encoder_2``: the two encoders' penultimate states, the pooled embedding and size
+``time_ids`` are computed as SDXL's pipeline does (``configs/sgr/sdxl-1024.yaml``).
+
 Offline there is no pretrained base UNet, so ``configs/sgr/tiny.yaml`` freezes a randomly
 initialised one (``model.unet``): it exercises the machinery, it does not make a useful refiner.
 Real runs give ``model.pretrained_unet`` (the SD-2 or SDXL ``unet/`` folder).
@@ -76,11 +80,6 @@ def build_models(model_config: dict, seed: int):
     else:
         torch.manual_seed(seed)
         base = UNet2DConditionModel(**model_config["unet"])
-    if base.config.addition_embed_type == "text_time":
-        raise NotImplementedError(
-            "SDXL-style base UNets (addition_embed_type='text_time') need pooled embeddings from a second "
-            "text encoder and size/crop time_ids; train-sgr does not compute them yet"
-        )
     torch.manual_seed(seed + 1)
     refiner = StructureGuidedRefiner.from_unet(
         base,
@@ -88,6 +87,39 @@ def build_models(model_config: dict, seed: int):
         **{key: tuple(model_config[key]) for key in ("embedder_channels", "embedder_strides") if key in model_config},
     )
     return base.requires_grad_(False).eval(), refiner
+
+
+def load_prompt_encoder(model_config: dict):
+    """``(encoders, encode)``: ``encode(prompts, device) → (states, mask, pooled or None)`` for the base.
+
+    SD-style bases: one text encoder (``model.text_encoder``: CLIP by path, or the packaged MiniLM).
+    SDXL bases (``addition_embed_type: text_time``): ``model.text_encoder`` and ``model.text_encoder_2``,
+    encoded as SDXL's pipeline does, plus its pooled embedding."""
+    from hyperhuman.text import encode_prompts, encode_sdxl_prompts, load_sdxl_text_encoders, load_text_encoder
+
+    if model_config.get("text_encoder_2"):
+        tokenizers, encoders = load_sdxl_text_encoders(model_config["text_encoder"], model_config["text_encoder_2"])
+        return encoders, lambda prompts, device: encode_sdxl_prompts(tokenizers, encoders, prompts, device)
+    tokenizer, encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
+    return [encoder], lambda prompts, device: (*encode_prompts(tokenizer, encoder, prompts, device), None)
+
+
+def check_text_conditioning(base, encoders: list, pooled_dim: int | None) -> None:
+    if base.config.addition_embed_type == "text_time":
+        if pooled_dim is None:
+            raise ValueError(
+                "the base UNet is SDXL-style (addition_embed_type: text_time): set model.text_encoder and "
+                "model.text_encoder_2 to its two text encoders (the second gives the pooled embedding)"
+            )
+        expected = base.config.projection_class_embeddings_input_dim - 6 * base.config.addition_time_embed_dim
+        if pooled_dim != expected:
+            raise ValueError(f"text_encoder_2 gives {pooled_dim}-d pooled embeddings; the base UNet expects {expected}")
+    width = sum(encoder.config.hidden_size for encoder in encoders)
+    if base.config.cross_attention_dim != width:
+        raise ValueError(
+            f"the base UNet's cross_attention_dim is {base.config.cross_attention_dim} but the text encoder(s) give "
+            f"{width}-d states; use the base model's own text encoder(s)"
+        )
 
 
 def check_resolution(resolution: int, vae_factor: int, unet: torch.nn.Module) -> None:
@@ -113,7 +145,6 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from hyperhuman.text import encode_prompts, load_text_encoder
     from hyperhuman.vae import load_vae
 
     check_config(config)
@@ -127,7 +158,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
     vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
-    tokenizer, text_encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
+    text_encoders, encode = load_prompt_encoder(model_config)
     base, refiner = build_models(model_config, seed)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     check_resolution(data["resolution"], vae_factor, base)
@@ -137,13 +168,10 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
             f"model.embedder_strides={strides} downsample the conditions {math.prod(strides)}× but the VAE's latents "
             f"are {vae_factor}× smaller than the image: make the strides' product {vae_factor}"
         )
-    if base.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ValueError(
-            f"the base UNet's cross_attention_dim is {base.config.cross_attention_dim} but the text encoder gives "
-            f"{text_encoder.config.hidden_size}-d states; use the base model's own text encoder"
-        )
+    empty = encode([""], "cpu")
+    check_text_conditioning(base, text_encoders, None if empty[2] is None else empty[2].shape[-1])
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (vae, text_encoder, base):
+    for frozen in (vae, *text_encoders, base):
         frozen.to(accelerator.device)
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
@@ -185,7 +213,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     elif resume and resume != "latest":
         raise ValueError(f"--resume {resume!r} not found")
     batches = Batches(data, train["batch_size"], seed, **stream_state)
-    empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
+    empty = encode([""], accelerator.device)
     drop = dict(train.get("drop", PAPER_DROP_PROBABILITIES))
     names = list(model_config.get("conditions", CONDITIONS))
     if accelerator.is_main_process:
@@ -200,7 +228,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         with accelerator.accumulate(refiner):
             loss = refiner_loss(
                 refiner, base, vae, noise_scheduler, batch, names, drop, generator,
-                text=(tokenizer, text_encoder, empty_states, empty_mask), dtype=weight_dtype,
+                encode=encode, empty=empty, dtype=weight_dtype,
             )  # fmt: skip
             accelerator.backward(loss)
             if accelerator.sync_gradients and train.get("max_grad_norm"):
@@ -232,18 +260,16 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     return report
 
 
-def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *, text, dtype) -> torch.Tensor:
+def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *, encode, empty, dtype):
     """One micro-batch: encode, noise, drop conditions and text per sample, regress the base's target."""
-    from hyperhuman.text import encode_prompts
-
-    tokenizer, text_encoder, empty_states, empty_mask = text
+    empty_states, empty_mask, empty_pooled = empty
     device = base.device
     units = modalities.batch_to_units(batch)
     with torch.no_grad():
         posterior = vae.encode(units["rgb"].to(device, dtype)).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         latents = latents * vae.config.scaling_factor
-        states, mask = encode_prompts(tokenizer, text_encoder, list(batch["caption"]), device)
+        states, mask, pooled = encode(list(batch["caption"]), device)
     batch_size = latents.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
@@ -256,6 +282,13 @@ def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *
         empty_text_states=empty_states.to(dtype),
     )
     mask = torch.where(dropped.text_kept[:, None].to(mask.device), mask, empty_mask)
+    added_cond_kwargs = None
+    if pooled is not None:  # SDXL: the pooled text follows the text's drop; size micro-conditioning
+        pooled = torch.where(dropped.text_kept[:, None], pooled, empty_pooled).to(dtype)
+        height, width = units["rgb"].shape[-2:]
+        # the crops' original sizes are not tracked: the target size stands in (SDXL's usual default)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * batch_size, dtype=dtype, device=device)
+        added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
     prediction = run_refiner(
         base,
         refiner,
@@ -265,6 +298,7 @@ def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *
         dropped.conditions,
         condition_masks=dropped.condition_masks,
         encoder_attention_mask=mask,
+        added_cond_kwargs=added_cond_kwargs,
     )
     target = training_target(scheduler, latents, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float())

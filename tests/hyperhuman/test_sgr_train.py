@@ -106,3 +106,63 @@ def test_the_tiny_config_checks():
     config = load_config("sgr/tiny")
     check_config(config, check_paths=False)
     assert config["train"]["drop"] == {"pose": 0.5, "depth": 0.5, "normal": 0.5, "text": 0.5}
+
+
+@pytest.fixture(scope="module")
+def sdxl_text_encoders(tmp_path_factory):
+    """SDXL's layout (text_encoder + tokenizer, text_encoder_2 + tokenizer_2) with toy CLIP encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .conftest import tiny_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("sdxl")
+    tokenizer = tiny_clip_tokenizer()
+    special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    sizes = {"hidden_size": 16, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32, **sizes, **special
+    )
+    torch.manual_seed(0)
+    for suffix, model_class in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+        model_class(config).save_pretrained(root / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(root / f"tokenizer{suffix}")
+    return root
+
+
+@pytest.mark.slow
+def test_an_sdxl_style_base_trains_with_pooled_text_and_time_ids(shards, vae_dir, sdxl_text_encoders, tmp_path):
+    from hyperhuman.sgr.testing import TINY_SDXL_UNET
+
+    config = config_for(tmp_path / "run", shards, vae_dir, max_train_steps=2, checkpointing_steps=2)
+    config["model"].update(
+        unet={**TINY_SDXL_UNET, "sample_size": 4},  # cross-attention 32 = 16 + 16, pooled 32
+        text_encoder=str(sdxl_text_encoders / "text_encoder"),
+        text_encoder_2=str(sdxl_text_encoders / "text_encoder_2"),
+    )
+    report = train_sgr(config)
+    assert report["steps"] == 2 and all(torch.isfinite(torch.tensor(report["losses"])))
+    refiner = StructureGuidedRefiner.from_pretrained(tmp_path / "run" / "refiner")
+    assert refiner.config.unet["addition_embed_type"] == "text_time"
+
+    config["model"].pop("text_encoder_2")
+    config["model"]["text_encoder"] = "minilm"
+    with pytest.raises(ValueError, match="SDXL-style .* model.text_encoder_2"):
+        train_sgr({**config, "output": str(tmp_path / "other")})
+
+
+def test_the_sdxl_config_builds_on_the_meta_device():
+    from diffusers import UNet2DConditionModel
+
+    from hyperhuman.config import load_config
+    from hyperhuman.sgr.train import check_config
+
+    config = load_config("sgr/sdxl-1024", ["data.train=/data/humanverse"])
+    check_config(config, check_paths=False)
+    assert config["scheduler"]["prediction_type"] == "epsilon" and config["train"]["learning_rate"] == 1e-5
+    with torch.device("meta"):
+        base = UNet2DConditionModel(**config["model"]["unet"])
+        refiner = StructureGuidedRefiner.from_unet(base, embedder_strides=tuple(config["model"]["embedder_strides"]))
+    base_parameters = sum(p.numel() for p in base.parameters())
+    refiner_parameters = sum(p.numel() for p in refiner.parameters())
+    assert 2.5e9 < base_parameters < 2.6e9  # SDXL-base's UNet: 2.57B
+    assert 1.2e9 < refiner_parameters < 1.3e9  # the encoder copy (1.24B) + embedders + zero convs
