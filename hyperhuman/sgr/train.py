@@ -12,7 +12,8 @@ The machinery is the LSDM recipe's (:mod:`hyperhuman.training`): accelerate (one
 here, ``accelerate launch`` on GPUs), gradient accumulation and clipping, AdamW, EMA, checkpoints
 every N steps with a limit, ``--resume latest`` reproducing the uninterrupted run exactly,
 TensorBoard logs. Output: ``checkpoints/``, ``logs/``, ``refiner/`` (``StructureGuidedRefiner``,
-EMA weights when EMA is on) and ``train_report.json``.
+EMA weights when EMA is on), for SD-style bases ``pipeline/`` (``StructureGuidedRefinerPipeline``:
+the frozen base, VAE, text encoder and the trained refiner) and ``train_report.json``.
 
 SDXL-style bases (``addition_embed_type: text_time``) take ``model.text_encoder`` and
 ``model.text_encoder_2``: the two encoders' penultimate states, the pooled embedding and size
@@ -90,7 +91,7 @@ def build_models(model_config: dict, seed: int):
 
 
 def load_prompt_encoder(model_config: dict):
-    """``(encoders, encode)``: ``encode(prompts, device) → (states, mask, pooled or None)`` for the base.
+    """``(tokenizers, encoders, encode)``: ``encode(prompts, device) → (states, mask, pooled or None)``.
 
     SD-style bases: one text encoder (``model.text_encoder``: CLIP by path, or the packaged MiniLM).
     SDXL bases (``addition_embed_type: text_time``): ``model.text_encoder`` and ``model.text_encoder_2``,
@@ -99,9 +100,10 @@ def load_prompt_encoder(model_config: dict):
 
     if model_config.get("text_encoder_2"):
         tokenizers, encoders = load_sdxl_text_encoders(model_config["text_encoder"], model_config["text_encoder_2"])
-        return encoders, lambda prompts, device: encode_sdxl_prompts(tokenizers, encoders, prompts, device)
+        return tokenizers, encoders, lambda prompts, device: encode_sdxl_prompts(tokenizers, encoders, prompts, device)
     tokenizer, encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
-    return [encoder], lambda prompts, device: (*encode_prompts(tokenizer, encoder, prompts, device), None)
+    encode = lambda prompts, device: (*encode_prompts(tokenizer, encoder, prompts, device), None)  # noqa: E731
+    return [tokenizer], [encoder], encode
 
 
 def check_text_conditioning(base, encoders: list, pooled_dim: int | None) -> None:
@@ -158,7 +160,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
     vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
-    text_encoders, encode = load_prompt_encoder(model_config)
+    tokenizers, text_encoders, encode = load_prompt_encoder(model_config)
     base, refiner = build_models(model_config, seed)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     check_resolution(data["resolution"], vae_factor, base)
@@ -253,6 +255,14 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     if accelerator.is_main_process:
         final = trained_refiner(accelerator, refiner, ema)
         final.save_pretrained(output / "refiner")
+        if len(text_encoders) == 1:  # SD-style base: a pipeline that samples with the refiner
+            from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
+
+            scheduler = make_scheduler(**config.get("scheduler", {}))
+            StructureGuidedRefinerPipeline(
+                vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=base,
+                refiner=final.to(base.device, base.dtype), scheduler=scheduler,
+            ).save_pretrained(output / "pipeline")  # fmt: skip
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
         (output / "train_report.json").write_text(json.dumps(report, indent=1))

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
 from hyperhuman.sgr.model import StructureGuidedRefiner
+from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
 from hyperhuman.sgr.train import train_sgr
 from shards.testing import make_sample
 from shards.writer import ShardWriter
@@ -65,6 +66,11 @@ def test_training_keeps_checkpoints_and_resumes_exactly(shards, vae_dir, tmp_pat
     assert refiner.config.conditions == ["pose", "depth", "normal"]
     # only the refiner trains: the zero convs have left zero (the conditions reach the base UNet)
     assert any(p.abs().sum() > 0 for name, p in refiner.named_parameters() if name.startswith("controlnet_"))
+    pipeline = StructureGuidedRefinerPipeline.from_pretrained(output / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    pose = make_sample("s0", height=16, width=16).pose
+    images = pipeline("a person", pose=pose, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
