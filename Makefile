@@ -26,6 +26,7 @@ bench: setup
 	$(PYTHON) bench/pose_accuracy.py
 	$(PYTHON) bench/annotator_latency.py
 	$(PYTHON) bench/lsdm_step.py
+	$(PYTHON) bench/sgr_step.py
 
 clean:
 	rm -rf demo_output bench/results .pytest_cache

@@ -149,6 +149,8 @@ def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.num is not None:
         config["num"] = args.num
+    if args.refiner is not None:
+        config["refiner"] = args.refiner
     report = run_eval(args.model, args.shards, args.output, config)
     for name, value in report["metrics"].items():
         shown = "skipped: " + report["skipped"][name] if value is None else f"{value:.4f}"
@@ -240,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shards", required=True, help="HumanVerse shards: conditions and reference images")
     evaluate.add_argument("--num", type=int, default=None, help="eval samples (default: the config's num)")
     evaluate.add_argument("--output", default=None, help="where to write (default: MODEL/eval)")
+    evaluate.add_argument("--refiner", default=None, help="a train-sgr output: refine stage 1 and score the result")
     _add_config_options(evaluate, "eval/default")
     evaluate.set_defaults(func=_eval)
 

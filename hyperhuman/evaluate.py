@@ -56,6 +56,10 @@ DEFAULTS = {
     "kid_subsets": 100,
     "kid_subset_size": 1000,
     "storage_options": {},
+    "refiner": None,
+    "refiner_resolution": None,
+    "refiner_steps": 20,
+    "refiner_guidance_scale": 3.0,
 }
 
 
@@ -65,7 +69,8 @@ def check_eval_config(config: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown eval keys {unknown}; known: {sorted(DEFAULTS)} (see configs/eval/default.yaml)")
     settings = {**DEFAULTS, **config}
-    for key in ("num", "batch_size", "num_inference_steps", "pose_resolution", "kid_subsets", "kid_subset_size"):
+    counts = ("num", "batch_size", "num_inference_steps", "pose_resolution", "kid_subsets", "kid_subset_size")
+    for key in (*counts, "refiner_steps"):
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"eval.{key} must be a positive integer, got {value!r}")
@@ -132,27 +137,48 @@ def eval_conditions(shards: str, num: int, resolution: int, storage_options: dic
     return conditions
 
 
+def image_names(settings: dict) -> tuple[str, ...]:
+    return (*IMAGE_NAMES[:-1], "refined", IMAGE_NAMES[-1]) if settings["refiner"] else IMAGE_NAMES
+
+
 def sample_dir(output: Path, key: str) -> Path:
     return output / "samples" / key
 
 
 def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
     """Generate every condition whose images are not all on disk yet; returns how many were made."""
+    names = image_names(settings)
     todo = [
         (index, condition)
         for index, condition in enumerate(conditions)
-        if not all((sample_dir(output, condition["key"]) / f"{name}.png").is_file() for name in IMAGE_NAMES)
+        if not all((sample_dir(output, condition["key"]) / f"{name}.png").is_file() for name in names)
     ]
     for start in range(0, len(todo), settings["batch_size"]):
         chunk = todo[start : start + settings["batch_size"]]
         generators = [torch.Generator().manual_seed(settings["seed"] + index) for index, _ in chunk]
-        result = pipe(
-            [condition["caption"] for _, condition in chunk],
-            pose=[condition["pose"] for _, condition in chunk],
-            num_inference_steps=settings["num_inference_steps"],
-            guidance_scale=settings["guidance_scale"],
-            generator=generators,
-        )
+        prompts = [condition["caption"] for _, condition in chunk]
+        poses = [condition["pose"] for _, condition in chunk]
+        if settings["refiner"]:  # pipe is a TwoStagePipeline: stage 1 at the LSDM's size, refined at ours
+            two_stage = pipe(
+                prompts,
+                pose=poses,
+                stage1_steps=settings["num_inference_steps"],
+                stage2_steps=settings["refiner_steps"],
+                stage1_guidance_scale=settings["guidance_scale"],
+                stage2_guidance_scale=settings["refiner_guidance_scale"],
+                height=settings["resolution"],
+                width=settings["resolution"],
+                generator=generators,
+            )
+            result, refined = two_stage.stage1, two_stage.refined
+        else:
+            result = pipe(
+                prompts,
+                pose=poses,
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["guidance_scale"],
+                generator=generators,
+            )
         for position, (_, condition) in enumerate(chunk):
             folder = sample_dir(output, condition["key"])
             folder.mkdir(parents=True, exist_ok=True)
@@ -163,8 +189,10 @@ def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
                 "normal": result.normal[position],
                 "reference": PIL.Image.fromarray(condition["reference"]),
             }
+            if settings["refiner"]:
+                images["refined"] = refined[position]
             # reference last: with it on disk the sample is complete, so a kill mid-write regenerates it
-            for name in IMAGE_NAMES:
+            for name in names:
                 write_png_atomically(images[name], folder / f"{name}.png")
         print(f"[eval] generated {start + len(chunk)}/{len(todo)}", flush=True)
     return len(todo)
@@ -176,16 +204,16 @@ def write_png_atomically(image: PIL.Image.Image, path: Path) -> None:
     os.replace(partial, path)
 
 
-def detect_poses(conditions: list[dict], output: Path, settings: dict) -> list[dict]:
-    """The pose annotator on each generated RGB image (upscaled to ``pose_resolution``), people in
-    the generation's pixels."""
+def detect_poses(conditions: list[dict], output: Path, settings: dict, name: str = "rgb") -> list[dict]:
+    """The pose annotator on each generated image ``name`` (upscaled to ``pose_resolution``), people
+    in that image's pixels."""
     from annotators.registry import build_annotator
 
     annotator = build_annotator(settings["pose_annotator"])
     side = settings["pose_resolution"]
     detections = []
     for condition in conditions:
-        rgb = PIL.Image.open(sample_dir(output, condition["key"]) / "rgb.png").convert("RGB")
+        rgb = PIL.Image.open(sample_dir(output, condition["key"]) / f"{name}.png").convert("RGB")
         scale = rgb.width / side
         found = annotator([np.asarray(rgb.resize((side, side), PIL.Image.BICUBIC))])[0]
         people = []
@@ -216,15 +244,16 @@ def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, l
 
     results, skipped, timings = {}, {}, {}
     started = time.perf_counter()
+    final = "refined" if settings["refiner"] else "rgb"
     ground_truth = [condition["pose"] for condition in conditions]
-    detections = detect_poses(conditions, output, settings)
+    detections = detect_poses(conditions, output, settings, final)
     results.update(metrics.pose_metrics(ground_truth, detections))
     per_sample = [
         metrics.pose_sample_score(truth, found) for truth, found in zip(ground_truth, detections, strict=True)
     ]
     timings["pose_s"] = round(time.perf_counter() - started, 2)
 
-    generated = load_images(conditions, output, "rgb")
+    generated = load_images(conditions, output, final)
     reference = load_images(conditions, output, "reference")
     if settings["inception"]:
         started = time.perf_counter()
@@ -264,8 +293,15 @@ def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
     path = pipeline_path(model)
     output = Path(output) if output else path.parent / "eval" if path.name == "pipeline" else path / "eval"
     pipe = HyperHumanPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
     resolution = settings["resolution"] or model_resolution(pipe)
+    if settings["refiner"]:
+        from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline, TwoStagePipeline
+
+        refiner = StructureGuidedRefinerPipeline.from_pretrained(pipeline_path(settings["refiner"]))
+        pipe = TwoStagePipeline(pipe, refiner)
+        resolution = settings["refiner_resolution"] or refiner.unet.config.sample_size * refiner.vae_scale_factor
+    settings = {**settings, "resolution": resolution}
+    pipe.set_progress_bar_config(disable=True)
     conditions = eval_conditions(shards, settings["num"], resolution, settings["storage_options"])
 
     generation_started = time.perf_counter()
@@ -281,7 +317,7 @@ def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
                 "key": condition["key"],
                 "prompt": condition["caption"],
                 "seed": settings["seed"] + index,
-                "images": {name: f"{folder.as_posix()}/{name}.png" for name in IMAGE_NAMES},
+                "images": {name: f"{folder.as_posix()}/{name}.png" for name in image_names(settings)},
                 "pose_score": pose_score,
                 "meta": {"people": len(condition["pose"]["people"])},
             }
@@ -295,6 +331,8 @@ def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
             "samples": len(conditions),
             "generated_now": generated,
             "resolution": resolution,
+            "refiner": settings["refiner"],
+            "scored_image": "refined" if settings["refiner"] else "rgb",
             **{key: settings[key] for key in ("seed", "num_inference_steps", "guidance_scale", "pose_resolution")},
             "pose_annotator": settings["pose_annotator"],
             "generation_s": round(generation_s, 2),

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from hyperhuman.evaluate import check_eval_config, eval_conditions, run_eval
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
@@ -101,3 +102,32 @@ def test_with_inception_and_clip_weights_every_metric_is_computed(
     for name in ("fid", "kid_x1000", "fid_clip", "clip_score"):
         assert np.isfinite(report["metrics"][name]), name
     assert report["metrics"]["fid"] > 0 and 0 <= report["metrics"]["clip_score"] <= 100
+
+
+def test_with_a_refiner_the_refined_images_are_written_and_scored(model, shards, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from hyperhuman.lsdm.pipeline import make_scheduler
+    from hyperhuman.lsdm.testing import tiny_text_encoder, tiny_vae
+    from hyperhuman.sgr.model import StructureGuidedRefiner
+    from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
+    from hyperhuman.sgr.testing import TINY_SD_UNET, perturb
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_SD_UNET)
+    refiner = StructureGuidedRefiner.from_unet(unet, embedder_channels=(8, 8, 16, 16), embedder_strides=(1, 1, 2, 1))
+    perturb(refiner, zero_init_only=True)
+    tokenizer, text_encoder = tiny_text_encoder()
+    StructureGuidedRefinerPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refiner=refiner,
+        scheduler=make_scheduler(),
+    ).save_pretrained(tmp_path / "sgr" / "pipeline")  # fmt: skip
+
+    output = tmp_path / "eval"
+    report = run_eval(str(model), str(shards), str(output), {**SETTINGS, "refiner": str(tmp_path / "sgr")})
+    assert report["info"]["scored_image"] == "refined" and report["info"]["resolution"] == 32
+    record = json.loads((output / "samples.jsonl").read_text().splitlines()[0])
+    assert PIL.Image.open(output / record["images"]["refined"]).size == (32, 32)  # the refiner base's own size
+    assert PIL.Image.open(output / record["images"]["rgb"]).size == (16, 16)  # stage 1 at the LSDM's
+    assert PIL.Image.open(output / record["images"]["reference"]).size == (32, 32)
+    assert "refined" in (output / "gallery" / "index.html").read_text()
