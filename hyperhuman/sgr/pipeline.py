@@ -40,7 +40,7 @@ from hyperhuman.lsdm.pipeline import HyperHumanPipeline, HyperHumanPipelineOutpu
 # in model_index.json as ["hyperhuman.sgr.model", "StructureGuidedRefiner"], and diffusers only
 # resolves such a library from modules already imported (as with hyperhuman.lsdm.model).
 from hyperhuman.sgr.model import StructureGuidedRefiner, refiner_forward
-from hyperhuman.text import encode_prompts
+from hyperhuman.text import encode_prompts, encode_sdxl_prompts
 
 # Base-UNet config keys the refiner's control copy must share with the base UNet it steers.
 MATCHING_UNET_KEYS = (
@@ -219,11 +219,15 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
     :func:`hyperhuman.text.encode_prompts`), ``unet`` (the frozen base ``UNet2DConditionModel``),
     ``refiner`` (:class:`StructureGuidedRefiner` trained for that UNet) and ``scheduler`` (the
     base model's: its ``prediction_type`` must be what the base UNet predicts; nothing here can
-    check that). Only SD-style bases: SDXL's added conditioning (``addition_embed_type="text_time"``)
-    needs pooled embeddings from a second text encoder, which this pipeline does not have.
+    check that). SDXL-style bases (``addition_embed_type="text_time"``) also take ``text_encoder_2``
+    + ``tokenizer_2``: the prompt is encoded as SDXL's pipeline does
+    (:func:`hyperhuman.text.encode_sdxl_prompts`), with size ``time_ids`` ``(H, W, 0, 0, H, W)``;
+    the negative prompt is encoded too (not zeroed), as ``train-sgr`` drops the text to the empty
+    prompt's encoding.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
 
     def __init__(
         self,
@@ -233,12 +237,15 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         refiner: StructureGuidedRefiner,
         scheduler,
+        text_encoder_2=None,
+        tokenizer_2=None,
     ):
         super().__init__()
-        check_components(vae, unet, refiner)
+        check_components(vae, unet, refiner, text_encoder_2)
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refiner=refiner, scheduler=scheduler
-        )
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refiner=refiner, scheduler=scheduler,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )  # fmt: skip
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def prepare_conditions(self, pose, depth, normal, batch_size: int, height: int, width: int) -> dict:
@@ -258,6 +265,13 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
             normal=None if normal is None else prepare_normal(normal, batch_size, height, width),
         )
         return {"units": units, "pose_images": pose_images}
+
+    def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prompts → (encoder states, attention mask, pooled embeddings or None for SD-style bases)."""
+        if self.text_encoder_2 is not None:
+            tokenizers, encoders = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+            return encode_sdxl_prompts(tokenizers, encoders, prompts, device)
+        return (*encode_prompts(self.tokenizer, self.text_encoder, prompts, device), None)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images ``(B, 3, H, W)`` in [-1, 1] (the VAE's scaling and shift undone)."""
@@ -314,12 +328,17 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
-        states, mask = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+        states, mask, pooled = self.encode(prompts, device)
         if do_cfg:
             negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
-            negative_states, negative_mask = encode_prompts(self.tokenizer, self.text_encoder, negatives, device)
+            negative_states, negative_mask, negative_pooled = self.encode(negatives, device)
             states, mask = torch.cat([negative_states, states]), torch.cat([negative_mask, mask])
+            pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
         states = states.to(self.unet.dtype)
+        added_cond_kwargs = None
+        if pooled is not None:  # SDXL: pooled text and size micro-conditioning (no crop)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(states), device=device)
+            added_cond_kwargs = {"text_embeds": pooled.to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
 
         prepared = self.prepare_conditions(pose, depth, normal, batch, height, width)
         conditions = {}
@@ -346,9 +365,13 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
                     conditions,
                     encoder_attention_mask=mask,
                     conditioning_scale=conditioning_scale,
+                    added_cond_kwargs=added_cond_kwargs,
                 )
             else:  # every condition dropped: the base UNet alone
-                prediction = self.unet(model_input, t, states, encoder_attention_mask=mask, return_dict=False)[0]
+                prediction = self.unet(
+                    model_input, t, states, encoder_attention_mask=mask, added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]  # fmt: skip
             if do_cfg:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -394,16 +417,19 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
         return height, width
 
 
-def check_components(vae: AutoencoderKL, unet: UNet2DConditionModel, refiner: StructureGuidedRefiner) -> None:
+def check_components(
+    vae: AutoencoderKL, unet: UNet2DConditionModel, refiner: StructureGuidedRefiner, text_encoder_2=None
+) -> None:
     """Refuse component sets that cannot sample, naming what is wrong or missing."""
     config = unet.config
-    if config.addition_embed_type == "text_time":
-        raise NotImplementedError(
+    if config.addition_embed_type == "text_time" and text_encoder_2 is None:
+        raise ValueError(
             "the base UNet is SDXL-style (addition_embed_type='text_time'): it needs pooled text embeddings "
-            "(added_cond_kwargs['text_embeds']) from a second text encoder and size/crop time_ids, which "
-            "StructureGuidedRefinerPipeline does not provide; only SD-style base UNets are supported"
+            "(added_cond_kwargs['text_embeds']) from a second text encoder: pass text_encoder_2 and tokenizer_2"
         )
-    if config.addition_embed_type not in (None, "text"):
+    if text_encoder_2 is not None and config.addition_embed_type != "text_time":
+        raise ValueError("text_encoder_2 is given but the base UNet has no SDXL text_time conditioning to use it")
+    if config.addition_embed_type not in (None, "text", "text_time"):
         raise NotImplementedError(
             f"the base UNet's addition_embed_type={config.addition_embed_type!r} needs image embeddings, "
             "which StructureGuidedRefinerPipeline does not provide"

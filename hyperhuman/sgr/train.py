@@ -12,8 +12,8 @@ The machinery is the LSDM recipe's (:mod:`hyperhuman.training`): accelerate (one
 here, ``accelerate launch`` on GPUs), gradient accumulation and clipping, AdamW, EMA, checkpoints
 every N steps with a limit, ``--resume latest`` reproducing the uninterrupted run exactly,
 TensorBoard logs. Output: ``checkpoints/``, ``logs/``, ``refiner/`` (``StructureGuidedRefiner``,
-EMA weights when EMA is on), for SD-style bases ``pipeline/`` (``StructureGuidedRefinerPipeline``:
-the frozen base, VAE, text encoder and the trained refiner) and ``train_report.json``.
+EMA weights when EMA is on), ``pipeline/`` (``StructureGuidedRefinerPipeline``: the frozen base,
+VAE, text encoder(s) and the trained refiner) and ``train_report.json``.
 
 SDXL-style bases (``addition_embed_type: text_time``) take ``model.text_encoder`` and
 ``model.text_encoder_2``: the two encoders' penultimate states, the pooled embedding and size
@@ -255,14 +255,14 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     if accelerator.is_main_process:
         final = trained_refiner(accelerator, refiner, ema)
         final.save_pretrained(output / "refiner")
-        if len(text_encoders) == 1:  # SD-style base: a pipeline that samples with the refiner
-            from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
+        from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
 
-            scheduler = make_scheduler(**config.get("scheduler", {}))
-            StructureGuidedRefinerPipeline(
-                vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=base,
-                refiner=final.to(base.device, base.dtype), scheduler=scheduler,
-            ).save_pretrained(output / "pipeline")  # fmt: skip
+        second = {"text_encoder_2": text_encoders[1], "tokenizer_2": tokenizers[1]} if len(text_encoders) == 2 else {}
+        StructureGuidedRefinerPipeline(
+            vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=base,
+            refiner=final.to(base.device, base.dtype), scheduler=make_scheduler(**config.get("scheduler", {})),
+            **second,
+        ).save_pretrained(output / "pipeline")  # fmt: skip
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
         (output / "train_report.json").write_text(json.dumps(report, indent=1))

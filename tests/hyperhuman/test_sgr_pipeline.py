@@ -229,7 +229,7 @@ def test_inputs_are_checked(steered, components):
 
 def test_component_sets_that_cannot_sample_are_refused(components):
     sdxl = tiny_unet("sdxl")
-    with pytest.raises(NotImplementedError, match="pooled text embeddings.*second text encoder"):
+    with pytest.raises(ValueError, match="pooled text embeddings.*pass text_encoder_2 and tokenizer_2"):
         StructureGuidedRefinerPipeline(**dict(components, unet=sdxl, refiner=tiny_refiner(sdxl)))
     other = tiny_unet("sd", block_out_channels=(8, 16))
     with pytest.raises(ValueError, match="built for another base UNet: block_out_channels"):

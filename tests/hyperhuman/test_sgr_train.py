@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -149,6 +150,12 @@ def test_an_sdxl_style_base_trains_with_pooled_text_and_time_ids(shards, vae_dir
     assert report["steps"] == 2 and all(torch.isfinite(torch.tensor(report["losses"])))
     refiner = StructureGuidedRefiner.from_pretrained(tmp_path / "run" / "refiner")
     assert refiner.config.unet["addition_embed_type"] == "text_time"
+    pipeline = StructureGuidedRefinerPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    pose = make_sample("s0", height=16, width=16).pose
+    prompts = ["a person", "two people"]
+    images = pipeline(prompts, pose=pose, height=16, width=16, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
     config["model"].pop("text_encoder_2")
     config["model"]["text_encoder"] = "minilm"
