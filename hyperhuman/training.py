@@ -66,3 +66,64 @@ def image_grid(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
         for c, image in enumerate(row):
             grid.paste(image.convert("RGB"), (c * width, r * height))
     return grid
+
+
+def make_accelerator(train: dict, output: Path):
+    """accelerate with the recipe's accumulation and precision, TensorBoard logs in ``OUTPUT/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
+        mixed_precision=train.get("mixed_precision", "no"),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+
+
+def prepare_for_training(accelerator, model, train: dict):
+    """AdamW and its LR schedule over ``model``, an EMA copy when ``train.ema.use`` (registered so
+    checkpoints hold it), all prepared by accelerate: ``(model, optimizer, lr_scheduler, ema)``."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(train.get("learning_rate", 1e-5)),
+        betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
+        weight_decay=float(train.get("weight_decay", 0.01)),
+        eps=float(train.get("adam_epsilon", 1e-8)),
+    )
+    lr_scheduler = get_scheduler(
+        train.get("lr_scheduler", "constant"),
+        optimizer=optimizer,
+        num_warmup_steps=train.get("lr_warmup_steps", 0) * accelerator.num_processes,
+        num_training_steps=train["max_train_steps"] * accelerator.num_processes,
+    )
+    ema = None
+    if train.get("ema", {}).get("use", False):
+        ema = EMAModel(
+            model.parameters(),
+            decay=train["ema"].get("decay", 0.9999),
+            model_cls=type(model),
+            model_config=model.config,
+        )
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    return model, optimizer, lr_scheduler, ema
+
+
+def restore(accelerator, output: Path, resume: str | None, command: str) -> dict:
+    """Load the checkpoint ``resume`` names (``latest`` or a path) into the prepared objects; returns
+    ``global_step``, ``micro_step`` and the data stream's position (zeros for a fresh run)."""
+    checkpoint = resolve_resume(output, resume)
+    if checkpoint is None:
+        if resume and resume != "latest":
+            raise ValueError(f"--resume {resume!r} not found")
+        return {"global_step": 0, "micro_step": 0, "data": {"epoch": 0, "batches_in_epoch": 0}}
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    accelerator.print(f"[{command}] resumed from {checkpoint} at step {state['global_step']}")
+    return state

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encode_batch
 from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
-from hyperhuman.training import STATE_FILE, image_grid, resolve_resume, save_checkpoint, step_generator
+from hyperhuman.training import (
+    image_grid,
+    make_accelerator,
+    prepare_for_training,
+    restore,
+    save_checkpoint,
+    step_generator,
+)
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -148,11 +155,6 @@ def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose
 
 
 def train_lsdm(config: dict, resume: str | None = None) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
     from hyperhuman.text import encode_prompts, load_text_encoder
     from hyperhuman.vae import load_vae
 
@@ -160,12 +162,7 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
     output = Path(config["output"])
     data, model_config, train = config["data"], config["model"], config["train"]
     seed = config.get("seed", 0)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
-        mixed_precision=train.get("mixed_precision", "no"),
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
+    accelerator = make_accelerator(train, output)
     torch.manual_seed(seed)
     vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
     tokenizer, text_encoder = load_text_encoder(model_config.get("text_encoder", "minilm"))
@@ -197,42 +194,10 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         model.enable_gradient_checkpointing()
     noise_scheduler = make_scheduler(**config.get("scheduler", {}))
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=float(train.get("learning_rate", 1e-5)),
-        betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
-        weight_decay=float(train.get("weight_decay", 0.01)),
-        eps=float(train.get("adam_epsilon", 1e-8)),
-    )
-    lr_scheduler = get_scheduler(
-        train.get("lr_scheduler", "constant"),
-        optimizer=optimizer,
-        num_warmup_steps=train.get("lr_warmup_steps", 0) * accelerator.num_processes,
-        num_training_steps=train["max_train_steps"] * accelerator.num_processes,
-    )
-    ema = None
-    if train.get("ema", {}).get("use", False):
-        ema = EMAModel(
-            model.parameters(),
-            decay=train["ema"].get("decay", 0.9999),
-            model_cls=LatentStructuralUNet,
-            model_config=model.config,
-        )
-        accelerator.register_for_checkpointing(ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-
-    global_step, micro_step, stream_state = 0, 0, {"epoch": 0, "batches_in_epoch": 0}
-    checkpoint = resolve_resume(output, resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        global_step, micro_step, stream_state = state["global_step"], state["micro_step"], state["data"]
-        accelerator.print(f"[train-lsdm] resumed from {checkpoint} at step {global_step}")
-    elif resume and resume != "latest":
-        raise ValueError(f"--resume {resume!r} not found")
-    batches = Batches(data, train["batch_size"], seed, **stream_state)
+    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, model, train)
+    state = restore(accelerator, output, resume, "train-lsdm")
+    global_step, micro_step = state["global_step"], state["micro_step"]
+    batches = Batches(data, train["batch_size"], seed, **state["data"])
 
     empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
     weights = train.get("loss_weights") or [1.0] * len(names)

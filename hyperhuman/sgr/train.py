@@ -40,7 +40,7 @@ from hyperhuman.lsdm.data import Batches, check_data
 from hyperhuman.lsdm.pipeline import make_scheduler
 from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
 from hyperhuman.sgr.model import refiner_forward as run_refiner
-from hyperhuman.training import STATE_FILE, resolve_resume, save_checkpoint, step_generator
+from hyperhuman.training import make_accelerator, prepare_for_training, restore, save_checkpoint, step_generator
 
 SECTIONS = ("output", "data", "model", "train")
 
@@ -142,23 +142,13 @@ def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
 
 
 def train_sgr(config: dict, resume: str | None = None) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
     from hyperhuman.vae import load_vae
 
     check_config(config)
     output = Path(config["output"])
     data, model_config, train = config["data"], config["model"], config["train"]
     seed = config.get("seed", 0)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
-        mixed_precision=train.get("mixed_precision", "no"),
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
+    accelerator = make_accelerator(train, output)
     vae = load_vae(model_config["vae"]).requires_grad_(False).eval()
     tokenizers, text_encoders, encode = load_prompt_encoder(model_config)
     base, refiner = build_models(model_config, seed)
@@ -181,40 +171,10 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         refiner.enable_gradient_checkpointing()
     noise_scheduler = make_scheduler(**config.get("scheduler", {}))
 
-    optimizer = torch.optim.AdamW(
-        refiner.parameters(),
-        lr=float(train.get("learning_rate", 1e-5)),
-        weight_decay=float(train.get("weight_decay", 0.01)),
-    )
-    lr_scheduler = get_scheduler(
-        train.get("lr_scheduler", "constant"),
-        optimizer=optimizer,
-        num_warmup_steps=train.get("lr_warmup_steps", 0) * accelerator.num_processes,
-        num_training_steps=train["max_train_steps"] * accelerator.num_processes,
-    )
-    ema = None
-    if train.get("ema", {}).get("use", False):
-        ema = EMAModel(
-            refiner.parameters(),
-            decay=train["ema"].get("decay", 0.9999),
-            model_cls=StructureGuidedRefiner,
-            model_config=refiner.config,
-        )
-        accelerator.register_for_checkpointing(ema)
-    refiner, optimizer, lr_scheduler = accelerator.prepare(refiner, optimizer, lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-
-    global_step, micro_step, stream_state = 0, 0, {"epoch": 0, "batches_in_epoch": 0}
-    checkpoint = resolve_resume(output, resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        global_step, micro_step, stream_state = state["global_step"], state["micro_step"], state["data"]
-        accelerator.print(f"[train-sgr] resumed from {checkpoint} at step {global_step}")
-    elif resume and resume != "latest":
-        raise ValueError(f"--resume {resume!r} not found")
-    batches = Batches(data, train["batch_size"], seed, **stream_state)
+    refiner, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, refiner, train)
+    state = restore(accelerator, output, resume, "train-sgr")
+    global_step, micro_step = state["global_step"], state["micro_step"]
+    batches = Batches(data, train["batch_size"], seed, **state["data"])
     empty = encode([""], accelerator.device)
     drop = dict(train.get("drop", PAPER_DROP_PROBABILITIES))
     names = list(model_config.get("conditions", CONDITIONS))
