@@ -80,7 +80,7 @@ def check_eval_config(config: dict) -> dict:
     return settings
 
 
-def pipeline_path(model: str | os.PathLike) -> Path:
+def pipeline_path(model: str | os.PathLike, command: str = "hyperhuman train-lsdm") -> Path:
     """A saved pipeline folder, or a training run folder holding one in ``pipeline/``."""
     model = Path(model)
     for candidate in (model, model / "pipeline"):
@@ -88,7 +88,7 @@ def pipeline_path(model: str | os.PathLike) -> Path:
             return candidate
     raise ValueError(
         f"no pipeline at {str(model)!r} (no model_index.json there or in its pipeline/ folder): "
-        "train one with `hyperhuman train-lsdm` and pass its output folder"
+        f"train one with `{command}` and pass its output folder"
     )
 
 
@@ -268,7 +268,7 @@ def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, l
     else:
         for name in ("fid", "kid_x1000"):
             results[name] = None
-            skipped[name] = "no Inception weights: set eval.inception=PATH (pt_inception-2015-12-05 .pth)"
+            skipped[name] = "no Inception weights: pass --set inception=PATH (the pt_inception-2015-12-05 .pth file)"
     if settings["clip"]:
         started = time.perf_counter()
         clip = metrics.ClipFeatures(settings["clip"])
@@ -279,7 +279,7 @@ def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, l
     else:
         for name in ("fid_clip", "clip_score"):
             results[name] = None
-            skipped[name] = "no CLIP weights: set eval.clip=PATH (a CLIPModel folder, e.g. clip-vit-large-patch14)"
+            skipped[name] = "no CLIP weights: pass --set clip=PATH (a CLIPModel folder, e.g. clip-vit-large-patch14)"
     return {"metrics": results, "skipped": skipped, "time_s": timings}, per_sample
 
 
@@ -297,7 +297,8 @@ def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
     if settings["refiner"]:
         from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline, TwoStagePipeline
 
-        refiner = StructureGuidedRefinerPipeline.from_pretrained(pipeline_path(settings["refiner"]))
+        refiner_path = pipeline_path(settings["refiner"], "hyperhuman train-sgr")
+        refiner = StructureGuidedRefinerPipeline.from_pretrained(refiner_path)
         pipe = TwoStagePipeline(pipe, refiner)
         resolution = settings["refiner_resolution"] or refiner.unet.config.sample_size * refiner.vae_scale_factor
     settings = {**settings, "resolution": resolution}
