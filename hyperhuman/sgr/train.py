@@ -11,7 +11,8 @@ reader and conversions as the LSDM (:func:`hyperhuman.modalities.batch_to_units`
 The machinery is the LSDM recipe's (:mod:`hyperhuman.training`): accelerate (one CPU process
 here, ``accelerate launch`` on GPUs), gradient accumulation and clipping, AdamW, EMA, checkpoints
 every N steps with a limit, ``--resume latest`` reproducing the uninterrupted run exactly,
-TensorBoard logs. Output: ``checkpoints/``, ``logs/``, ``refiner/`` (``StructureGuidedRefiner``,
+TensorBoard logs, validation grids. Output: ``checkpoints/``, ``logs/``, ``validation/step-STEP.png``
+(pose | depth | normal | refined per validation sample), ``refiner/`` (``StructureGuidedRefiner``,
 EMA weights when EMA is on), ``pipeline/`` (``StructureGuidedRefinerPipeline``: the frozen base,
 VAE, text encoder(s) and the trained refiner) and ``train_report.json``.
 
@@ -32,15 +33,25 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from hyperhuman import modalities
 from hyperhuman.lsdm.data import Batches, check_data
 from hyperhuman.lsdm.pipeline import make_scheduler
+from hyperhuman.lsdm.train import first_samples
 from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
 from hyperhuman.sgr.model import refiner_forward as run_refiner
-from hyperhuman.training import make_accelerator, prepare_for_training, restore, save_checkpoint, step_generator
+from hyperhuman.training import (
+    image_grid,
+    make_accelerator,
+    prepare_for_training,
+    restore,
+    save_checkpoint,
+    step_generator,
+)
 
 SECTIONS = ("output", "data", "model", "train")
 
@@ -178,8 +189,14 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     empty = encode([""], accelerator.device)
     drop = dict(train.get("drop", PAPER_DROP_PROBABILITIES))
     names = list(model_config.get("conditions", CONDITIONS))
+    validation = config.get("validation", {})
+    validation_batch = None
     if accelerator.is_main_process:
         accelerator.init_trackers("sgr", config={"max_train_steps": train["max_train_steps"]})
+        if validation.get("every"):
+            validation_batch = first_samples(data, validation.get("num_samples", 2), seed)
+    components = {"vae": vae, "tokenizers": tokenizers, "text_encoders": text_encoders, "base": base}
+    scheduler_config = config.get("scheduler", {})
 
     losses, started = [], time.perf_counter()
     refiner.train()
@@ -209,20 +226,16 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
             accelerator.print(f"[train-sgr] step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}")
         if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
+        if validation_batch is not None and global_step % validation["every"] == 0:
+            pipeline = make_pipeline(trained_refiner(accelerator, refiner, ema), components, scheduler_config)
+            run_validation(accelerator, pipeline, validation, validation_batch, output, global_step)
 
     accelerator.wait_for_everyone()
     report = {"steps": global_step, "wall_s": round(time.perf_counter() - started, 2), "losses": losses}
     if accelerator.is_main_process:
         final = trained_refiner(accelerator, refiner, ema)
         final.save_pretrained(output / "refiner")
-        from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
-
-        second = {"text_encoder_2": text_encoders[1], "tokenizer_2": tokenizers[1]} if len(text_encoders) == 2 else {}
-        StructureGuidedRefinerPipeline(
-            vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=base,
-            refiner=final.to(base.device, base.dtype), scheduler=make_scheduler(**config.get("scheduler", {})),
-            **second,
-        ).save_pretrained(output / "pipeline")  # fmt: skip
+        make_pipeline(final, components, scheduler_config).save_pretrained(output / "pipeline")
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
@@ -282,3 +295,48 @@ def trained_refiner(accelerator, refiner, ema) -> StructureGuidedRefiner:
     if ema is not None:
         ema.copy_to(final.parameters())
     return final.eval()
+
+
+def make_pipeline(refiner: StructureGuidedRefiner, components: dict, scheduler_config: dict):
+    """A sampling pipeline around the frozen base and a trained refiner."""
+    from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
+
+    tokenizers, encoders, base = components["tokenizers"], components["text_encoders"], components["base"]
+    second = {"text_encoder_2": encoders[1], "tokenizer_2": tokenizers[1]} if len(encoders) == 2 else {}
+    return StructureGuidedRefinerPipeline(
+        vae=components["vae"], text_encoder=encoders[0], tokenizer=tokenizers[0], unet=base,
+        refiner=refiner.to(base.device, base.dtype), scheduler=make_scheduler(**scheduler_config), **second,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def run_validation(accelerator, pipeline, validation: dict, batch: dict, output: Path, step: int) -> Path:
+    """Sample the first validation samples from their own pose, depth and normal; rows of
+    pose | depth | normal | refined image in ``validation/step-STEP.png`` and TensorBoard."""
+    pipeline.set_progress_bar_config(disable=True)
+    resolution = batch["pixel_values"].shape[-1]
+    units = modalities.batch_to_units(batch)
+    poses = [
+        {"width": resolution, "height": resolution, "people": [{"keypoints": k.tolist()} for k in kps[: int(n)]]}
+        for kps, n in zip(batch["keypoints"], batch["num_people"], strict=True)
+    ]
+    nearness = ((units["depth"][:, 0] + 1) / 2).numpy()
+    normals = units["normal"].permute(0, 2, 3, 1).numpy()
+    result = pipeline(
+        list(batch["caption"]), pose=poses, depth=nearness, normal=normals, height=resolution, width=resolution,
+        num_inference_steps=validation.get("num_inference_steps", 20),
+        guidance_scale=validation.get("guidance_scale", 4.0), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    maps = {name: modalities.unit_to_image(units[name]) for name in ("pose", "depth", "normal")}
+    rows = [
+        [*(PIL.Image.fromarray(maps[name][i]) for name in ("pose", "depth", "normal")), result.images[i]]
+        for i in range(len(poses))
+    ]
+    grid = image_grid(rows)
+    path = output / "validation" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    if tracker is not None:
+        tracker.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return path

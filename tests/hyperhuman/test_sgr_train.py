@@ -53,6 +53,7 @@ def config_for(output, shards, vae_dir, **train):
             "log_every": 100,
             **train,
         },
+        "validation": {"every": 3, "num_samples": 2, "num_inference_steps": 2},
     }
 
 
@@ -63,6 +64,7 @@ def test_training_keeps_checkpoints_and_resumes_exactly(shards, vae_dir, tmp_pat
     assert report["steps"] == 6 and len(report["losses"]) == 6
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert {p.name for p in (output / "validation").iterdir()} == {"step-3.png", "step-6.png"}
     refiner = StructureGuidedRefiner.from_pretrained(output / "refiner")
     assert refiner.config.conditions == ["pose", "depth", "normal"]
     # only the refiner trains: the zero convs have left zero (the conditions reach the base UNet)
