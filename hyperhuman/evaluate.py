@@ -253,8 +253,9 @@ def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, l
     ]
     timings["pose_s"] = round(time.perf_counter() - started, 2)
 
-    generated = load_images(conditions, output, final)
-    reference = load_images(conditions, output, "reference")
+    if settings["inception"] or settings["clip"]:  # the feature metrics compare full image sets
+        generated = load_images(conditions, output, final)
+        reference = load_images(conditions, output, "reference")
     if settings["inception"]:
         started = time.perf_counter()
         inception = metrics.InceptionFeatures(settings["inception"])

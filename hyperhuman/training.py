@@ -127,3 +127,13 @@ def restore(accelerator, output: Path, resume: str | None, command: str) -> dict
     state = json.loads((checkpoint / STATE_FILE).read_text())
     accelerator.print(f"[{command}] resumed from {checkpoint} at step {state['global_step']}")
     return state
+
+
+def optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, max_grad_norm: float | None) -> None:
+    """Backward, clip on the synchronising micro-step, step the optimizer and the LR schedule."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

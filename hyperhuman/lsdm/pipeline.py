@@ -191,13 +191,18 @@ def to_output(decoded: dict[str, torch.Tensor], pose_images: np.ndarray, output_
     rgb = modalities.unit_to_image(decoded["rgb"]).astype(np.float32) / 255.0 if "rgb" in decoded else None
     depth = modalities.unit_to_nearness(decoded["depth"]) if "depth" in decoded else None
     normal = modalities.unit_to_normal(decoded["normal"]) if "normal" in decoded else None
-    if output_type == "np":
-        return HyperHumanPipelineOutput(rgb=rgb, depth=depth, normal=normal, pose=pose_images)
+    output = HyperHumanPipelineOutput(rgb=rgb, depth=depth, normal=normal, pose=pose_images)
+    return output if output_type == "np" else np_output_to_pil(output)
+
+
+def np_output_to_pil(output: HyperHumanPipelineOutput) -> HyperHumanPipelineOutput:
+    """The ``"np"`` output → its ``"pil"`` form (depth as mode ``L``, normals as ``(n + 1) · 127.5``)."""
+    rgb, depth, normal = output.rgb, output.depth, output.normal
     return HyperHumanPipelineOutput(
         rgb=None if rgb is None else [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in rgb],
         depth=None if depth is None else [PIL.Image.fromarray((d * 255).round().astype(np.uint8), "L") for d in depth],
         normal=None
         if normal is None
         else [PIL.Image.fromarray(np.clip((n + 1) * 127.5, 0, 255).round().astype(np.uint8)) for n in normal],
-        pose=[PIL.Image.fromarray(image) for image in pose_images],
+        pose=[PIL.Image.fromarray(image) for image in output.pose],
     )

@@ -34,6 +34,7 @@ from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
 from hyperhuman.training import (
     image_grid,
     make_accelerator,
+    optimizer_step,
     prepare_for_training,
     restore,
     save_checkpoint,
@@ -228,12 +229,7 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
             loss, branch_losses = v_prediction_loss(
                 model, noise_scheduler, latents, names, states, mask, pose_latent, generator, weights
             )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and train.get("max_grad_norm"):
-                accelerator.clip_grad_norm_(model.parameters(), train["max_grad_norm"])
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
         if not accelerator.sync_gradients:
             continue
         global_step += 1

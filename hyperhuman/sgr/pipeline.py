@@ -34,7 +34,12 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from hyperhuman import modalities
-from hyperhuman.lsdm.pipeline import HyperHumanPipeline, HyperHumanPipelineOutput, render_pose_condition
+from hyperhuman.lsdm.pipeline import (
+    HyperHumanPipeline,
+    HyperHumanPipelineOutput,
+    np_output_to_pil,
+    render_pose_condition,
+)
 
 # Imported by name so that ``from_pretrained`` can resolve the refiner: ``save_pretrained`` records it
 # in model_index.json as ["hyperhuman.sgr.model", "StructureGuidedRefiner"], and diffusers only
@@ -574,16 +579,5 @@ class TwoStagePipeline:
             conditioning_scale=conditioning_scale,
         ).images
         if output_type == "pil":
-            stage1 = stage1_to_pil(stage1)
+            stage1 = np_output_to_pil(stage1)
         return TwoStageOutput(stage1=stage1, refined=refined)
-
-
-def stage1_to_pil(output: HyperHumanPipelineOutput) -> HyperHumanPipelineOutput:
-    """A ``"np"`` :class:`HyperHumanPipelineOutput` → its ``"pil"`` form (a marked copy of the
-    conversions in ``hyperhuman.lsdm.pipeline.to_output``)."""
-    return HyperHumanPipelineOutput(
-        rgb=[PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.rgb],
-        depth=[PIL.Image.fromarray((d * 255).round().astype(np.uint8), "L") for d in output.depth],
-        normal=[PIL.Image.fromarray(np.clip((n + 1) * 127.5, 0, 255).round().astype(np.uint8)) for n in output.normal],
-        pose=[PIL.Image.fromarray(image) for image in output.pose],
-    )

@@ -47,6 +47,7 @@ from hyperhuman.sgr.model import refiner_forward as run_refiner
 from hyperhuman.training import (
     image_grid,
     make_accelerator,
+    optimizer_step,
     prepare_for_training,
     restore,
     save_checkpoint,
@@ -171,13 +172,13 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
             f"model.embedder_strides={strides} downsample the conditions {math.prod(strides)}× but the VAE's latents "
             f"are {vae_factor}× smaller than the image: make the strides' product {vae_factor}"
         )
-    empty = encode([""], "cpu")
-    check_text_conditioning(base, text_encoders, None if empty[2] is None else empty[2].shape[-1])
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, *text_encoders, base):
         frozen.to(accelerator.device)
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
+    empty = encode([""], accelerator.device)  # what a dropped text becomes
+    check_text_conditioning(base, text_encoders, None if empty[2] is None else empty[2].shape[-1])
     if train.get("gradient_checkpointing"):
         refiner.enable_gradient_checkpointing()
     noise_scheduler = make_scheduler(**config.get("scheduler", {}))
@@ -186,7 +187,6 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     state = restore(accelerator, output, resume, "train-sgr")
     global_step, micro_step = state["global_step"], state["micro_step"]
     batches = Batches(data, train["batch_size"], seed, **state["data"])
-    empty = encode([""], accelerator.device)
     drop = dict(train.get("drop", PAPER_DROP_PROBABILITIES))
     names = list(model_config.get("conditions", CONDITIONS))
     validation = config.get("validation", {})
@@ -209,12 +209,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
                 refiner, base, vae, noise_scheduler, batch, names, drop, generator,
                 encode=encode, empty=empty, dtype=weight_dtype,
             )  # fmt: skip
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and train.get("max_grad_norm"):
-                accelerator.clip_grad_norm_(refiner.parameters(), train["max_grad_norm"])
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, refiner, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
         if not accelerator.sync_gradients:
             continue
         global_step += 1
