@@ -2,12 +2,18 @@
 exactly, per-step seeded randomness, image grids for validation.
 
 A run folder keeps ``checkpoints/checkpoint-STEP/`` (accelerate state plus ``trainer_state.json``:
-the step, the micro-step and the data stream's position), at most ``checkpoints_total_limit`` of
-them, oldest removed first.
+the step, the micro-step and every process's data-stream position), at most
+``checkpoints_total_limit`` of them, oldest removed first.
+
+Multi-process (``accelerate launch --num_processes N``): every process calls :func:`save_checkpoint`
+(the data positions are gathered), the main process alone writes the checkpoint; each process reads
+its own shards (``split_by_node``) and resumes at its own position. :func:`weights_digest` lets a
+recipe check at the end that every process holds the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -44,14 +50,45 @@ def prune_checkpoints(output: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
+def gather_from_processes(accelerator, value) -> list:
+    """``[value of process 0, value of process 1, ...]``; every process must call it."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
 def save_checkpoint(accelerator, output: Path, step: int, micro_step: int, batches, limit) -> Path:
-    """accelerate's state plus where the step counter and the data stream (``batches.state()``) were."""
-    prune_checkpoints(output, limit)
+    """accelerate's state plus where the step counter and every process's data stream
+    (``batches.state()``) were. Call it on every process; the main process writes."""
+    data_per_process = gather_from_processes(accelerator, batches.state())
     path = output / "checkpoints" / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    state = {"global_step": step, "micro_step": micro_step, "data": batches.state()}
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if accelerator.is_main_process:
+        prune_checkpoints(output, limit)
+        accelerator.save_state(str(path))
+        state = {"global_step": step, "micro_step": micro_step, "data_per_process": data_per_process}
+        (path / STATE_FILE).write_text(json.dumps(state, indent=1))
     return path
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes)."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def check_processes_agree(accelerator, model: torch.nn.Module, command: str) -> list[str]:
+    """Every process's :func:`weights_digest` of ``model``; a loud message when they differ (a
+    data-parallel run whose replicas drifted apart). Call it on every process."""
+    digests = gather_from_processes(accelerator, weights_digest(model))
+    if len(set(digests)) > 1:
+        accelerator.print(f"[{command}] WARNING: the processes ended with different weights: {digests}")
+    return digests
 
 
 def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
@@ -125,6 +162,15 @@ def restore(accelerator, output: Path, resume: str | None, command: str) -> dict
         return {"global_step": 0, "micro_step": 0, "data": {"epoch": 0, "batches_in_epoch": 0}}
     accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / STATE_FILE).read_text())
+    positions = state.pop("data_per_process", None) or [state.get("data")]
+    if len(positions) == accelerator.num_processes:
+        state["data"] = positions[accelerator.process_index]
+    else:  # another process count splits the shards differently: the stream cannot continue exactly
+        state["data"] = positions[0]
+        accelerator.print(
+            f"[{command}] WARNING: {checkpoint} was written by {len(positions)} process(es), this run has "
+            f"{accelerator.num_processes}: each process continues at process 0's data position, not exactly"
+        )
     accelerator.print(f"[{command}] resumed from {checkpoint} at step {state['global_step']}")
     return state
 

@@ -32,6 +32,7 @@ from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encod
 from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
 from hyperhuman.training import (
+    check_processes_agree,
     image_grid,
     make_accelerator,
     optimizer_step,
@@ -135,6 +136,32 @@ def load_latent_norm(value) -> dict | None:
     return value
 
 
+def run_latent_norm(accelerator, config: dict, vae, names: list[str], resuming: bool) -> dict:
+    """The latent normalisation of this run: ``model.latent_norm`` when given; when resuming, the run's
+    own ``latent_stats.json`` (the checkpoint's weights were trained under it, whatever the data is
+    now); else computed from the data and saved there."""
+    output, model_config = Path(config["output"]), config["model"]
+    given = load_latent_norm(model_config.get("latent_norm"))
+    if given is not None:
+        return given
+    saved = output / "latent_stats.json"
+    if resuming and saved.is_file():
+        accelerator.print(f"[train-lsdm] latent normalisation from {saved} (the run's own)")
+        return json.loads(saved.read_text())
+    norm = compute_latent_norm(
+        vae,
+        config["data"],
+        names,
+        model_config.get("latent_stats_batches", 8),
+        config["train"]["batch_size"],
+        config.get("seed", 0),
+    )
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(norm, indent=1))
+    return norm
+
+
 # --- training --------------------------------------------------------------------------------------
 def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
     """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
@@ -174,14 +201,7 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
             frozen.to(dtype=weight_dtype)
 
     names = list(model_config.get("branches", list(BRANCHES)))
-    latent_norm = load_latent_norm(model_config.get("latent_norm"))
-    if latent_norm is None:
-        latent_norm = compute_latent_norm(
-            vae, data, names, model_config.get("latent_stats_batches", 8), train["batch_size"], seed
-        )
-        if accelerator.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "latent_stats.json").write_text(json.dumps(latent_norm, indent=1))
+    latent_norm = run_latent_norm(accelerator, config, vae, names, resuming=resume is not None)
     model = build_model(model_config, latent_norm)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     check_resolution(data["resolution"], vae_factor, 2**model.trunk.num_upsamplers)
@@ -241,16 +261,19 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         accelerator.log(logs, step=global_step)
         if global_step % train.get("log_every", 10) == 0 or global_step == 1:
             accelerator.print(f"[train-lsdm] step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}")
-        if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
+        if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if validation_batch is not None and global_step % validation["every"] == 0:
-            run_validation(accelerator, model, ema, vae, tokenizer, text_encoder, validation, validation_batch, output,
-                           global_step)  # fmt: skip
+            pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}))
+            run_validation(accelerator, pipeline, validation, validation_batch, output, global_step)
 
     accelerator.wait_for_everyone()
     report = {"steps": global_step, "wall_s": round(time.perf_counter() - started, 2), "losses": losses}
+    report["weights_sha256_per_process"] = check_processes_agree(
+        accelerator, accelerator.unwrap_model(model), "train-lsdm"
+    )
     if accelerator.is_main_process:
-        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder)
+        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}))
         pipeline.save_pretrained(output / "pipeline")
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
@@ -271,8 +294,9 @@ def cached_latents(cache, batch, vae, model, names, generator) -> dict:
     return {name: torch.stack([cache[key][name] for key in batch["key"]]) for name in [*names, "pose"]}
 
 
-def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder) -> HyperHumanPipeline:
-    """A pipeline over a copy of the trained weights (the EMA weights when EMA is on)."""
+def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config: dict) -> HyperHumanPipeline:
+    """A pipeline over a copy of the trained weights (the EMA weights when EMA is on) with the
+    run's noise schedule (the ``scheduler:`` section)."""
     unwrapped = accelerator.unwrap_model(model)
     unet = LatentStructuralUNet.from_config(unwrapped.config)
     unet.load_state_dict(unwrapped.state_dict())
@@ -280,7 +304,7 @@ def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder) -> Hype
         ema.copy_to(unet.parameters())
     unet.to(vae.device, vae.dtype).eval()
     return HyperHumanPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler()
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(**scheduler_config)
     )
 
 
@@ -290,8 +314,7 @@ def first_samples(data: dict, count: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def run_validation(accelerator, model, ema, vae, tokenizer, text_encoder, validation, batch, output, step) -> Path:
-    pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder)
+def run_validation(accelerator, pipeline, validation, batch, output, step) -> Path:
     pipeline.set_progress_bar_config(disable=True)
     resolution = batch["pixel_values"].shape[-1]
     poses = [

@@ -24,8 +24,15 @@ residual convs keep ControlNet's names (``controlnet_down_blocks``, ``controlnet
 "No condition" means the base UNet, exactly. A freshly built refiner is a no-op everywhere (zero
 convs, zero projections), but after training the control branch would still push the base with
 all conditions dropped. So the refiner returns exact zeros for every sample that has no condition
-present (per-sample masking of the residuals), and skips the control branch altogether when no
-sample has one. The text is *not* a refiner condition: dropping it changes the base's input too.
+present (per-sample selection of the residuals, ``torch.where``, not a product: exact even where a
+residual is not finite). The text is *not* a refiner condition: dropping it changes the base's
+input too.
+
+With gradients enabled (training) every embedder whose condition is given runs and the control
+branch always runs, masked to zero where dropped, so every trainable parameter is in every step's
+graph: a micro-batch that lost every condition still has a loss to back-propagate (zero gradients
+to the refiner), and DDP finds no unused parameters. Without gradients (sampling) what contributes
+nothing is skipped; both give the same numbers.
 """
 
 from __future__ import annotations
@@ -193,7 +200,10 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
         that has a tensor. A condition that is ``None``, absent, or masked out contributes nothing;
         a sample with no condition present gets exact-zero residuals (the base UNet unchanged).
         """
-        masks = self._present_masks(sample, conditions, condition_masks or {})
+        masks = self._condition_masks(sample, conditions, condition_masks or {})
+        keep_graph = torch.is_grad_enabled()  # training: every parameter in the graph, see the module notes
+        if not keep_graph:
+            masks = {name: mask for name, mask in masks.items() if bool(mask.any())}
         if not masks:
             return self._zero_residuals(sample)
 
@@ -223,7 +233,7 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
         for name, mask in masks.items():
             embedding = self.embedders[name](conditions[name])
             if not bool(mask.all()):
-                embedding = embedding * mask[:, None, None, None].to(embedding.dtype)
+                embedding = torch.where(mask[:, None, None, None], embedding, torch.zeros_like(embedding))
             hidden = hidden + embedding
         context = {"encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask}
         skips = (hidden,)
@@ -243,12 +253,13 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
         mid = self.controlnet_mid_block(hidden) * conditioning_scale
         present = torch.stack(list(masks.values())).any(dim=0)
         if not bool(present.all()):  # samples without any condition: exactly the base UNet
-            keep = present[:, None, None, None].to(mid.dtype)
-            down, mid = [residual * keep for residual in down], mid * keep
+            keep = present[:, None, None, None]
+            down = [torch.where(keep, residual, torch.zeros_like(residual)) for residual in down]
+            mid = torch.where(keep, mid, torch.zeros_like(mid))
         return tuple(down), mid
 
-    def _present_masks(self, sample, conditions, condition_masks) -> dict[str, torch.Tensor]:
-        """Check the inputs; ``{name: (B,) bool}`` for every condition present in at least one sample."""
+    def _condition_masks(self, sample, conditions, condition_masks) -> dict[str, torch.Tensor]:
+        """Check the inputs; ``{name: (B,) bool}`` (True = present) for every condition given a tensor."""
         names = list(self.config.conditions)
         for name in [*conditions, *condition_masks]:
             if name not in names:
@@ -279,8 +290,7 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
                     f"condition_masks[{name!r}] must be a bool tensor of shape ({batch},), "
                     f"got {mask.dtype} {tuple(mask.shape)}"
                 )
-            if bool(mask.any()):
-                masks[name] = mask
+            masks[name] = mask
         return masks
 
     def _zero_residuals(self, sample: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -375,8 +385,9 @@ PAPER_DROP_PROBABILITIES = {"pose": 0.5, "depth": 0.5, "normal": 0.5, TEXT: 0.5}
 
 @dataclass
 class DroppedConditions:
-    """What :func:`drop_conditions` drew. ``conditions``: the input tensors (not copied), ``None``
-    where dropped for the whole batch; ``condition_masks`` ``{name: (B,) bool}``, True = kept, for
+    """What :func:`drop_conditions` drew. ``conditions``: the input tensors (not copied, kept even
+    where dropped for the whole batch: the masks carry the drop, and a training step needs every
+    embedder in its graph); ``condition_masks`` ``{name: (B,) bool}``, True = kept, for
     the refiner's ``condition_masks``; ``text_states``: the prompt states with dropped samples
     replaced by the empty prompt's; ``text_kept`` ``(B,) bool`` — drop the matching pooled
     ``text_embeds`` (SDXL) and attention masks with it."""
@@ -432,7 +443,7 @@ def drop_conditions(
         elif condition.shape[0] != batch:
             raise ValueError(f"condition {name!r} has batch {condition.shape[0]}, the text states {batch}")
         masks[name] = mask if condition is None else mask.to(condition.device)
-        out[name] = condition if bool(mask.any()) else None
+        out[name] = condition
     text_kept = kept(TEXT).to(text_states.device)
     if not bool(text_kept.all()):
         text_states = torch.where(text_kept[:, None, None], text_states, empty_text_states.to(text_states.dtype))

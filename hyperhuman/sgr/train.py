@@ -45,6 +45,8 @@ from hyperhuman.lsdm.train import first_samples
 from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
 from hyperhuman.sgr.model import refiner_forward as run_refiner
 from hyperhuman.training import (
+    check_processes_agree,
+    gather_from_processes,
     image_grid,
     make_accelerator,
     optimizer_step,
@@ -82,6 +84,37 @@ def check_config(config: dict, check_paths: bool = True) -> None:
             raise ValueError(f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae`")
         if model.get("pretrained_unet") and not os.path.isdir(model["pretrained_unet"]):
             raise ValueError(f"model.pretrained_unet={model['pretrained_unet']!r} is not a directory")
+        if model.get("pretrained_unet"):
+            check_schedule_matches_the_base(config.get("scheduler", {}), model["pretrained_unet"])
+
+
+SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                 "rescale_betas_zero_snr")  # fmt: skip
+
+
+def check_schedule_matches_the_base(scheduler_config: dict, pretrained_unet: str) -> None:
+    """The frozen base only understands its own noise schedule and target: the refiner must train on
+    them. Compared with the base's ``scheduler/scheduler_config.json`` (beside its ``unet/``, the
+    diffusers layout) when there is one; a disagreement names the ``scheduler.`` keys to set."""
+    path = Path(pretrained_unet).resolve().parent / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        print(f"[train-sgr] note: no {path}; the scheduler: section is trusted to be the base's own schedule")
+        return
+    base = json.loads(path.read_text())
+    base.setdefault("prediction_type", "epsilon")  # every diffusers scheduler's default
+    ours = make_scheduler(**scheduler_config).config
+
+    def same(a, b) -> bool:
+        return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+
+    differ = [key for key in SCHEDULE_KEYS if key in base and not same(ours[key], base[key])]
+    if differ:
+        fixes = " ".join(f"--set scheduler.{key}={json.dumps(base[key])}" for key in differ)
+        found = ", ".join(f"{key}: ours {ours[key]!r}, the base's {base[key]!r}" for key in differ)
+        raise ValueError(
+            f"the scheduler: section disagrees with the base model's {path} ({found}); the frozen base was "
+            f"trained on its own schedule, so train the refiner on it: {fixes}"
+        )
 
 
 def build_models(model_config: dict, seed: int):
@@ -198,18 +231,19 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     components = {"vae": vae, "tokenizers": tokenizers, "text_encoders": text_encoders, "base": base}
     scheduler_config = config.get("scheduler", {})
 
-    losses, started = [], time.perf_counter()
+    losses, started, micro_batches_without_conditions = [], time.perf_counter(), 0
     refiner.train()
     while global_step < train["max_train_steps"]:
         batch = next(batches)
         generator = step_generator(seed, micro_step, accelerator.process_index)
         micro_step += 1
         with accelerator.accumulate(refiner):
-            loss = refiner_loss(
+            loss, unconditioned = refiner_loss(
                 refiner, base, vae, noise_scheduler, batch, names, drop, generator,
                 encode=encode, empty=empty, dtype=weight_dtype,
             )  # fmt: skip
             optimizer_step(accelerator, refiner, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
+        micro_batches_without_conditions += int(unconditioned == train["batch_size"])
         if not accelerator.sync_gradients:
             continue
         global_step += 1
@@ -219,7 +253,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % train.get("log_every", 10) == 0 or global_step == 1:
             accelerator.print(f"[train-sgr] step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}")
-        if global_step % train["checkpointing_steps"] == 0 and accelerator.is_main_process:
+        if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if validation_batch is not None and global_step % validation["every"] == 0:
             pipeline = make_pipeline(trained_refiner(accelerator, refiner, ema), components, scheduler_config)
@@ -227,6 +261,13 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
 
     accelerator.wait_for_everyone()
     report = {"steps": global_step, "wall_s": round(time.perf_counter() - started, 2), "losses": losses}
+    # robust conditioning drops every condition of a whole micro-batch now and then: those steps still train
+    report["micro_batches_without_conditions_per_process"] = gather_from_processes(
+        accelerator, micro_batches_without_conditions
+    )
+    report["weights_sha256_per_process"] = check_processes_agree(
+        accelerator, accelerator.unwrap_model(refiner), "train-sgr"
+    )
     if accelerator.is_main_process:
         final = trained_refiner(accelerator, refiner, ema)
         final.save_pretrained(output / "refiner")
@@ -239,7 +280,8 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
 
 
 def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *, encode, empty, dtype):
-    """One micro-batch: encode, noise, drop conditions and text per sample, regress the base's target."""
+    """One micro-batch: encode, noise, drop conditions and text per sample, regress the base's target.
+    Returns the loss and how many samples lost every condition (those train the base's path only)."""
     empty_states, empty_mask, empty_pooled = empty
     device = base.device
     units = modalities.batch_to_units(batch)
@@ -279,7 +321,8 @@ def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *
         added_cond_kwargs=added_cond_kwargs,
     )
     target = training_target(scheduler, latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    present = torch.stack(list(dropped.condition_masks.values())).any(dim=0)
+    return F.mse_loss(prediction.float(), target.float()), int((~present).sum())
 
 
 def trained_refiner(accelerator, refiner, ema) -> StructureGuidedRefiner:

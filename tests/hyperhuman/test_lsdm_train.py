@@ -92,6 +92,27 @@ def test_training_keeps_checkpoints_writes_logs_and_resumes_exactly(shards, vae_
 
 
 @pytest.mark.slow
+def test_the_run_keeps_its_schedule_and_a_resume_keeps_its_latent_normalisation(shards, vae_dir, tmp_path):
+    output = tmp_path / "run"
+    config = config_for(output, shards, vae_dir, max_train_steps=2, checkpointing_steps=2)
+    config["scheduler"] = {"num_train_timesteps": 1000, "timestep_spacing": "leading", "beta_end": 0.02}
+    config["validation"] = {}
+    train_lsdm(config)
+    saved = json.loads((output / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["timestep_spacing"] == "leading" and saved["beta_end"] == 0.02  # the config's, not the default
+    norm = json.loads((output / "latent_stats.json").read_text())
+
+    other = tmp_path / "other-shards"  # the data changed since: the checkpoint was still trained under `norm`
+    with ShardWriter(str(other), 0) as writer:
+        for index in range(4):
+            writer.write(make_sample(f"o{index}", height=40, width=24, seed=100 + index, people=3))
+    config["data"]["train"], config["train"]["max_train_steps"] = str(other), 3
+    train_lsdm(config, resume="latest")
+    assert HyperHumanPipeline.from_pretrained(output / "pipeline").unet.config.latent_norm == norm
+    assert json.loads((output / "latent_stats.json").read_text()) == norm
+
+
+@pytest.mark.slow
 def test_a_tiny_model_overfits_two_samples(tmp_path, vae_dir):
     root = tmp_path / "two"
     with ShardWriter(str(root), 0) as writer:

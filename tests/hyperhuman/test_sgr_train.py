@@ -87,6 +87,34 @@ def test_training_keeps_checkpoints_and_resumes_exactly(shards, vae_dir, tmp_pat
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])  # the EMA weights
 
 
+def test_steps_whose_micro_batch_lost_every_condition_still_train(shards, vae_dir, tmp_path):
+    """sgr/tiny drops each condition with p = 0.5 in batches of 2, so 1 micro-batch in 64 has none:
+    such a step has no refiner in the graph unless the refiner keeps it there."""
+    config = config_for(tmp_path / "run", shards, vae_dir, max_train_steps=2, checkpointing_steps=2)
+    config["train"]["drop"] = {"pose": 1.0, "depth": 1.0, "normal": 1.0, "text": 0.5}
+    config["validation"] = {}
+    report = train_sgr(config)
+    assert report["steps"] == 2 and report["micro_batches_without_conditions_per_process"] == [2]
+    trained = StructureGuidedRefiner.from_pretrained(tmp_path / "run" / "refiner")
+    zero_convs = [p for name, p in trained.named_parameters() if name.startswith("controlnet_")]
+    assert all(torch.count_nonzero(p) == 0 for p in zero_convs)  # zero gradients: AdamW leaves zeros at zero
+
+
+def test_a_schedule_other_than_the_base_models_is_refused_naming_the_keys(shards, vae_dir, tmp_path):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    base = tmp_path / "base"
+    UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 384}).save_pretrained(base / "unet")
+    DDIMScheduler(prediction_type="epsilon", beta_schedule="scaled_linear").save_pretrained(base / "scheduler")
+    config = config_for(tmp_path / "run", shards, vae_dir)
+    config["model"]["pretrained_unet"] = str(base / "unet")
+    config["scheduler"] = {"prediction_type": "v_prediction"}
+    with pytest.raises(ValueError, match=r"prediction_type: ours 'v_prediction', the base's 'epsilon'.*"
+                       r"--set scheduler.prediction_type=\"epsilon\""):  # fmt: skip
+        train_sgr(config)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
