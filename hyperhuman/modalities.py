@@ -45,7 +45,7 @@ def depth_to_unit(depth: torch.Tensor, kinds: list[str] | str = "metric") -> tor
 
 def pose_to_unit(keypoints: torch.Tensor, num_people: torch.Tensor | list[int], size: tuple[int, int]) -> torch.Tensor:
     """``(B, P, 17, 3)`` keypoints in output pixels → ``(B, 3, H, W)`` skeleton renders in [-1, 1]."""
-    from annotators.render import render_pose
+    from hyperhuman.skeleton import render_pose
 
     height, width = size
     renders = []

@@ -71,6 +71,8 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         latent_norm: per modality (branches and ``pose``) ``[shift, scale]`` mapping VAE latents
             to the diffusion space, ``z' = (z - shift) * scale``; computed from data by
             ``hyperhuman lsdm-stats`` so each modality matches the RGB latent distribution.
+        pose_renderer: the :data:`hyperhuman.skeleton.RENDERER_VERSION` of the pose renders the model
+            was trained on (recorded by ``train-lsdm``; the pipeline warns when it renders with another).
     """
 
     _supports_gradient_checkpointing = True
@@ -85,6 +87,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         latent_channels: int = 4,
         pose_channels: int = 4,
         latent_norm: dict | None = None,
+        pose_renderer: str | None = None,
     ):
         super().__init__()
         unet = dict(unet)
@@ -110,6 +113,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         merge: str = "mean",
         pose_channels: int | None = None,
         latent_norm: dict | None = None,
+        pose_renderer: str | None = None,
     ) -> LatentStructuralUNet:
         """Copy a pretrained UNet into every branch and the trunk; the pose input channels of each
         branch's ``conv_in`` start at zero, so the new model initially ignores the pose and each
@@ -126,6 +130,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
             latent_channels=latent_channels,
             pose_channels=pose_channels,
             latent_norm=latent_norm,
+            pose_renderer=pose_renderer,
         )
         source = unet.state_dict()
         conv_in_weight = source.pop("conv_in.weight")

@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from hyperhuman import modalities
 from hyperhuman.lsdm.model import LatentStructuralUNet
+from hyperhuman.skeleton import check_renderer_version
 from hyperhuman.text import encode_prompts
 
 
@@ -77,6 +78,8 @@ class HyperHumanPipeline(DiffusionPipeline):
         poses = pose if isinstance(pose, list | tuple) else [pose] * batch_size
         if len(poses) != batch_size:
             raise ValueError(f"got {len(poses)} poses for {batch_size} prompts; pass one pose or one per prompt")
+        if any(isinstance(p, dict) for p in poses):  # we draw them: with the drawing the model learnt?
+            check_renderer_version(self.unet.config.get("pose_renderer"), "this LSDM")
         return np.stack([render_pose_condition(p, height, width) for p in poses])
 
     @torch.no_grad()
@@ -117,6 +120,7 @@ class HyperHumanPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {factor}, got {height}×{width}")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        check_num_inference_steps(num_inference_steps)
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
@@ -163,9 +167,14 @@ class HyperHumanPipeline(DiffusionPipeline):
         return output if return_dict else tuple(output.values())
 
 
+def check_num_inference_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer (denoising steps), got {steps!r}")
+
+
 def render_pose_condition(pose, height: int, width: int) -> np.ndarray:
     """A pose annotation (scaled to the output size) or a skeleton image (resized) → uint8 (H, W, 3)."""
-    from annotators.render import render_pose
+    from hyperhuman.skeleton import render_pose
 
     if isinstance(pose, dict):
         if not {"width", "height", "people"} <= set(pose):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encode_batch
 from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
+from hyperhuman.skeleton import RENDERER_VERSION
 from hyperhuman.training import (
     check_processes_agree,
     image_grid,
@@ -127,6 +128,7 @@ def build_model(model_config: dict, latent_norm: dict | None) -> LatentStructura
         replicated_blocks=model_config.get("replicated_blocks", 1),
         merge=model_config.get("merge", "mean"),
         latent_norm=latent_norm,
+        pose_renderer=RENDERER_VERSION,  # the drawing of the pose conditions this model learns
     )
 
 

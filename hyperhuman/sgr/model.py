@@ -104,6 +104,8 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
             replicated to 3 channels, normal vector; see ``hyperhuman.modalities``).
         embedder_channels / embedder_strides: the embedders' conv layers; the strides' product
             must be the VAE factor (latent size × factor = condition size), see :class:`ConditionEmbedder`.
+        pose_renderer: the :data:`hyperhuman.skeleton.RENDERER_VERSION` of the pose renders the refiner
+            was trained on (recorded by ``train-sgr``; the pipeline warns when it renders with another).
 
     ``forward`` returns ``(down_block_res_samples, mid_block_res_sample)`` for the base UNet.
     """
@@ -118,6 +120,7 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
         condition_channels: int = 3,
         embedder_channels: Sequence[int] = EMBEDDER_CHANNELS,
         embedder_strides: Sequence[int] = EMBEDDER_STRIDES,
+        pose_renderer: str | None = None,
     ):
         super().__init__()
         unet = dict(unet)
@@ -159,6 +162,7 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
         condition_channels: int = 3,
         embedder_channels: Sequence[int] = EMBEDDER_CHANNELS,
         embedder_strides: Sequence[int] = EMBEDDER_STRIDES,
+        pose_renderer: str | None = None,
     ) -> StructureGuidedRefiner:
         """A refiner whose control copy holds the base UNet's encoder weights (``conv_in``, time,
         class and added embeddings, ``encoder_hid_proj``, down blocks, mid block); the embedders'
@@ -170,6 +174,7 @@ class StructureGuidedRefiner(ModelMixin, ConfigMixin):
             condition_channels=condition_channels,
             embedder_channels=list(embedder_channels),
             embedder_strides=list(embedder_strides),
+            pose_renderer=pose_renderer,
         )
         expected = {key for key in model.state_dict() if key.startswith("control.")}
         state = {f"control.{key}": value for key, value in unet.state_dict().items() if f"control.{key}" in expected}

@@ -37,6 +37,7 @@ from hyperhuman import modalities
 from hyperhuman.lsdm.pipeline import (
     HyperHumanPipeline,
     HyperHumanPipelineOutput,
+    check_num_inference_steps,
     np_output_to_pil,
     render_pose_condition,
 )
@@ -45,6 +46,7 @@ from hyperhuman.lsdm.pipeline import (
 # in model_index.json as ["hyperhuman.sgr.model", "StructureGuidedRefiner"], and diffusers only
 # resolves such a library from modules already imported (as with hyperhuman.lsdm.model).
 from hyperhuman.sgr.model import StructureGuidedRefiner, refiner_forward
+from hyperhuman.skeleton import check_renderer_version
 from hyperhuman.text import encode_prompts, encode_sdxl_prompts
 
 # Base-UNet config keys the refiner's control copy must share with the base UNet it steers.
@@ -263,6 +265,8 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
                 f"this refiner has no embedder for {sorted(unknown)}; it was trained with conditions "
                 f"{list(self.refiner.config.conditions)}"
             )
+        if any(isinstance(p, dict) for p in (pose if isinstance(pose, list | tuple) else [pose])):
+            check_renderer_version(self.refiner.config.get("pose_renderer"), "this refiner")
         pose_images = None if pose is None else prepare_pose(pose, batch_size, height, width)
         units = condition_units(
             pose=pose_images,
@@ -330,6 +334,7 @@ class StructureGuidedRefinerPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
         height, width = self.check_inputs(prompts, negative_prompt, height, width, latents, output_type)
+        check_num_inference_steps(num_inference_steps)
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 

@@ -44,6 +44,7 @@ from hyperhuman.lsdm.pipeline import make_scheduler
 from hyperhuman.lsdm.train import first_samples
 from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
 from hyperhuman.sgr.model import refiner_forward as run_refiner
+from hyperhuman.skeleton import RENDERER_VERSION
 from hyperhuman.training import (
     check_processes_agree,
     gather_from_processes,
@@ -130,6 +131,7 @@ def build_models(model_config: dict, seed: int):
     refiner = StructureGuidedRefiner.from_unet(
         base,
         conditions=tuple(model_config.get("conditions", CONDITIONS)),
+        pose_renderer=RENDERER_VERSION,  # the drawing of the pose conditions this refiner learns
         **{key: tuple(model_config[key]) for key in ("embedder_channels", "embedder_strides") if key in model_config},
     )
     return base.requires_grad_(False).eval(), refiner

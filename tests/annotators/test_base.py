@@ -3,7 +3,8 @@ import pytest
 
 from annotators.base import AnnotatorConfig, WeightsNotFoundError, resolve_weights, to_rgb
 from annotators.registry import build_annotator
-from annotators.render import LIMBS, render_depth, render_normal, render_pose
+from annotators.render import render_depth, render_normal
+from hyperhuman.skeleton import LIMBS, render_pose
 
 
 @pytest.mark.parametrize(

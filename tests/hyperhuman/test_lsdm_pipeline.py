@@ -87,3 +87,23 @@ def test_epsilon_scheduler_is_refused(pipe):
 def test_size_must_fit_the_vae_and_unet(pipe):
     with pytest.raises(ValueError, match="multiples of 4"):
         _run(pipe, height=18, width=16)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5])
+def test_a_step_count_that_is_not_a_positive_integer_is_refused(pipe, steps):
+    with pytest.raises(ValueError, match=f"num_inference_steps must be a positive integer.*got {steps}"):
+        _run(pipe, num_inference_steps=steps)
+
+
+def test_the_generic_diffusers_loader_with_the_documented_call(pipe, tmp_path):
+    """``DiffusionPipeline.from_pretrained`` knows only diffusers' own pipeline classes; the README's call."""
+    import hyperhuman.lsdm.pipeline
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "lsdm")
+    loaded = DiffusionPipeline.from_pretrained(
+        tmp_path / "lsdm", custom_pipeline=hyperhuman.lsdm.pipeline.__file__, trust_remote_code=True
+    )
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "HyperHumanPipeline"
+    np.testing.assert_array_equal(_run(loaded, output_type="np").rgb, _run(pipe, output_type="np").rgb)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
 from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
 from hyperhuman.lsdm.train import train_lsdm
+from hyperhuman.skeleton import RENDERER_VERSION
 from shards.testing import make_sample
 from shards.writer import ShardWriter, write_manifest
 
@@ -108,7 +109,9 @@ def test_the_run_keeps_its_schedule_and_a_resume_keeps_its_latent_normalisation(
             writer.write(make_sample(f"o{index}", height=40, width=24, seed=100 + index, people=3))
     config["data"]["train"], config["train"]["max_train_steps"] = str(other), 3
     train_lsdm(config, resume="latest")
-    assert HyperHumanPipeline.from_pretrained(output / "pipeline").unet.config.latent_norm == norm
+    unet_config = HyperHumanPipeline.from_pretrained(output / "pipeline").unet.config
+    assert unet_config.latent_norm == norm
+    assert unet_config.pose_renderer == RENDERER_VERSION  # the drawing of the poses it learnt
     assert json.loads((output / "latent_stats.json").read_text()) == norm
 
 

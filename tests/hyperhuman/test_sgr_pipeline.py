@@ -222,6 +222,8 @@ def test_inputs_are_checked(steered, components):
         _run(steered, output_type="pt")
     with pytest.raises(ValueError, match="latents must have shape"):
         _run(steered, latents=torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        _run(steered, num_inference_steps=0)
     pose_only = tiny_refiner(components["unet"], conditions=["pose"])
     with pytest.raises(ValueError, match="no embedder for \\['depth'\\]"):
         _run(_pipe(dict(components, refiner=pose_only)), depth=_maps()[0])

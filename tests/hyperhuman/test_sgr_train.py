@@ -11,6 +11,7 @@ from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
 from hyperhuman.sgr.model import StructureGuidedRefiner
 from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
 from hyperhuman.sgr.train import train_sgr
+from hyperhuman.skeleton import RENDERER_VERSION
 from shards.testing import make_sample
 from shards.writer import ShardWriter
 
@@ -96,6 +97,7 @@ def test_steps_whose_micro_batch_lost_every_condition_still_train(shards, vae_di
     report = train_sgr(config)
     assert report["steps"] == 2 and report["micro_batches_without_conditions_per_process"] == [2]
     trained = StructureGuidedRefiner.from_pretrained(tmp_path / "run" / "refiner")
+    assert trained.config.pose_renderer == RENDERER_VERSION  # the drawing of the poses it learns
     zero_convs = [p for name, p in trained.named_parameters() if name.startswith("controlnet_")]
     assert all(torch.count_nonzero(p) == 0 for p in zero_convs)  # zero gradients: AdamW leaves zeros at zero
 
