@@ -23,14 +23,70 @@ def openpose_dir(tmp_path_factory):
     return str(directory)
 
 
-def test_openpose_loads_and_annotates_in_the_schema(openpose_dir):
+# OpenPose-18 limbs (joint index pairs) and, for each, the PAF channels of its x and y
+# components: the body model's output layout (CMU OpenPose; controlnet_aux.open_pose.body).
+LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+         (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17))  # fmt: skip
+PAF_CHANNELS = ((12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3), (4, 5), (6, 7),
+                (8, 9), (10, 11), (28, 29), (30, 31), (34, 35), (32, 33), (36, 37), (18, 19), (26, 27))  # fmt: skip
+# A person facing the camera (their right on the image's left), OpenPose-18 order, pixels from the neck.
+BODY = ((0, -14), (0, 0), (-12, 0), (-16, 18), (-18, 34), (12, 0), (16, 18), (19, 34), (-8, 38), (-9, 60),
+        (-10, 82), (8, 38), (9, 60), (10, 82), (-4, -18), (4, -18), (-8, -16), (8, -16))  # fmt: skip
+
+
+def plant_people(body_model, height: int, width: int, people: list[np.ndarray], peak: list[float]):
+    """Make the OpenPose body network return heatmaps with a Gaussian peak at every joint of
+    ``people`` (OpenPose-18 pixels of the ``height`` x ``width`` image) and PAFs holding the
+    unit limb vector along every limb, on its stride-8 output grid. The image reaches the
+    network resized by 184 / height (boxsize 368 at scale 0.5, sizes rounded down) and padded
+    right/down to a multiple of 8 (checked here), so a joint at image x sits at output cell
+    x * resized width / width / 8 - 0.5 (cell c covers input pixels 8c to 8c + 8)."""
+    scale = 0.5 * 368 / height
+    resized = (int(height * scale), int(width * scale))
+    padded = tuple(-(-size // 8) * 8 for size in resized)
+
+    def forward(data):
+        assert tuple(data.shape[2:]) == padded, (data.shape, padded)
+        grid_h, grid_w = padded[0] // 8, padded[1] // 8
+        rows, cols = np.mgrid[:grid_h, :grid_w].astype(np.float64)
+        heatmaps = np.zeros((19, grid_h, grid_w))
+        pafs = np.zeros((38, grid_h, grid_w))
+        for joints, amplitude in zip(people, peak, strict=True):
+            grid = joints * [resized[1] / width / 8, resized[0] / height / 8] - 0.5
+            for part, (x, y) in enumerate(grid):
+                gaussian = amplitude * np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / 2)  # sigma: one cell
+                heatmaps[part] = np.maximum(heatmaps[part], gaussian)
+            for (a, b), (channel_x, channel_y) in zip(LIMBS, PAF_CHANNELS, strict=True):
+                along = grid[b] - grid[a]
+                length = np.linalg.norm(along)
+                t = np.clip(((cols - grid[a][0]) * along[0] + (rows - grid[a][1]) * along[1]) / length**2, 0, 1)
+                near = np.hypot(cols - grid[a][0] - t * along[0], rows - grid[a][1] - t * along[1]) <= 1.0
+                pafs[channel_x][near], pafs[channel_y][near] = along / length
+        return torch.from_numpy(pafs[None]).float(), torch.from_numpy(heatmaps[None]).float()
+
+    body_model.forward = forward
+
+
+def test_openpose_decodes_planted_people_to_image_pixels(openpose_dir):
+    """The real controlnet-aux decode (peaks, PAF limb scoring, person assembly) on planted
+    network outputs gives each person back at the joints planted, in pixels of a non-square
+    image (115 x 182: scaled by 1.6 and padded to 184 x 296 on the way in), as COCO-17."""
+    from shards.keypoints import openpose18_to_coco17
+
     annotator = build_annotator({"name": "controlnet-openpose", "weights": openpose_dir})
-    images = [np.zeros((96, 128, 3), np.uint8), np.full((64, 48), 200, np.uint8)]
-    poses = annotator(images)
-    assert [(p["width"], p["height"]) for p in poses] == [(128, 96), (48, 64)]
-    for pose in poses:
-        for person in pose["people"]:  # random weights rarely find anyone; when they do, schema holds
-            assert person["keypoints"].shape == (17, 3)
+    height, width = 115, 182
+    people = [np.array(BODY, np.float64) + neck for neck in ([52.5, 24.5], [131.5, 27.5])]
+    plant_people(annotator.detector.body_estimation.model, height, width, people, peak=[1.0, 0.7])
+    pose = annotator([np.zeros((height, width, 3), np.uint8)])[0]
+    assert (pose["width"], pose["height"]) == (width, height) and len(pose["people"]) == 2
+    found = sorted(pose["people"], key=lambda person: person["keypoints"][0, 0])  # left person first
+    for person, joints, amplitude in zip(found, people, [1.0, 0.7], strict=True):
+        expected = openpose18_to_coco17(np.concatenate([joints, np.ones((18, 1))], axis=1))
+        np.testing.assert_allclose(person["keypoints"][:, :2], expected[:, :2], atol=1.0)
+        np.testing.assert_allclose(person["keypoints"][:, 2], amplitude, atol=0.1)
+        x0, y0 = expected[:, :2].min(0)
+        x1, y1 = expected[:, :2].max(0)
+        np.testing.assert_allclose(person["bbox"], [x0, y0, x1, y1], atol=1.0)
 
 
 def test_openpose18_body_maps_to_coco17():

@@ -97,8 +97,9 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(pipe, steps):
 
 def test_the_generic_diffusers_loader_with_the_documented_call(pipe, tmp_path):
     """``DiffusionPipeline.from_pretrained`` knows only diffusers' own pipeline classes; the README's call."""
-    import hyperhuman.lsdm.pipeline
     from diffusers import DiffusionPipeline
+
+    import hyperhuman.lsdm.pipeline
 
     pipe.save_pretrained(tmp_path / "lsdm")
     loaded = DiffusionPipeline.from_pretrained(
