@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from annotators.base import Annotator, AnnotatorConfig, WeightsNotFoundError, to_rgb
+from annotators.mmpose_stack import require_mmpose_stack
 
 DEFAULT_OPTIONS = {"config": None, "threshold": 0.5, "nms_iou": 0.7, "max_people": 10}
 
@@ -51,6 +52,7 @@ class MMDetPersonDetector(Annotator):
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
+        require_mmpose_stack(config.name, ("mmcv", "mmengine", "mmdet.apis", "mmpose.utils"))
         if not self.options["config"]:
             raise ValueError(f"annotator {config.name!r} needs options.config: an MMDetection config file")
         checkpoint = require_checkpoint(config, self.options["config"])

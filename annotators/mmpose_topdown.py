@@ -21,6 +21,7 @@ import numpy as np
 
 from annotators.base import Annotator, AnnotatorConfig, keypoints_in_image, to_rgb
 from annotators.mmdet_detection import require_checkpoint, shipped_config
+from annotators.mmpose_stack import require_mmpose_stack
 from shards.keypoints import NUM_COCO17, NUM_WHOLEBODY
 
 DEFAULT_OPTIONS = {"config": None}
@@ -39,6 +40,7 @@ class MMPoseTopDown(Annotator):
 
     def __init__(self, config: AnnotatorConfig):
         super().__init__(config)
+        require_mmpose_stack(config.name, ("mmcv", "mmengine", "mmpose.apis"))
         if not self.options["config"]:
             raise ValueError(f"annotator {config.name!r} needs options.config: an MMPose config file")
         checkpoint = require_checkpoint(config, self.options["config"])

@@ -3,7 +3,9 @@
     .venv/bin/python bench/annotate_throughput.py [--images 500] [--data ../shared/data/humans]
 
 Builds ``--images`` JPEGs (the real photos, repeated with different deterministic crops, at
-most 512 px) and annotates them with the offline default annotators three ways:
+most 512 px; the default ``--data``, ``../shared/data/humans``, is the development checkout's
+photo set beside the repository: without it the two packaged photos are used, and it says so)
+and annotates them with the offline default annotators three ways:
 (a) the annotate stage in a bare loop on already-decoded images, batches of 8 (model-bound);
 (b) a naive script: read, decode, annotate and write one image at a time with ShardWriter;
 (c) ``hyperhuman annotate`` (Ray Data). The job's start-up (Ray, actor and model loading) is
@@ -31,6 +33,8 @@ def make_images(data: Path, count: int, folder: Path) -> list[Path]:
     from hyperhuman.demo import packaged_photos
 
     sources = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((data / "images").glob("*.jpg"))]
+    if not sources:
+        print(f"annotate_throughput: no photos in {data / 'images'} (pass --data DIR): only the 2 packaged photos")
     sources += list(packaged_photos().values())
     rng = np.random.default_rng(0)
     paths = []

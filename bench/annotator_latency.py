@@ -3,8 +3,10 @@
     .venv/bin/python bench/annotator_latency.py [--data ../shared/data/humans] [--limit 30]
 
 Runs pose, mask, coarse depth, normals and the whole annotate stage on real photos (the
-``--data`` folder if present, else the two packaged public-domain photos), one image per call,
-after one warm-up call. Prints a table and writes bench/results/annotator_latency.json.
+``--data`` folder if present, else the two packaged public-domain photos, and it says so), one
+image per call, after one warm-up call. The default ``--data``, ``../shared/data/humans``, is the
+development checkout's photo set beside the repository, not part of it. Prints a table and
+writes bench/results/annotator_latency.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def load_photos(data: Path, limit: int) -> list[np.ndarray]:
     paths = sorted((data / "images").glob("*.jpg"))[:limit] if (data / "images").is_dir() else []
     if paths:
         return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    print(f"annotator_latency: no photos in {data / 'images'} (pass --data DIR): timing the 2 packaged photos")
     from hyperhuman.demo import packaged_photos
 
     return list(packaged_photos().values())

@@ -6,7 +6,9 @@ Runs each annotator on the photos in ``--data`` that have COCO-17 ground truth
 (``keypoints_coco.json``), scores them with pycocotools' COCOeval, and reports all annotations
 and the native-COCO subset (images whose every annotation has ``kpt_source_format == coco17``;
 the others are remapped from other skeletons and may leave people unlabeled). Also reports
-per-image latency. Prints a table and writes bench/results/pose_accuracy.json.
+per-image latency. Prints a table and writes bench/results/pose_accuracy.json. The default
+``--data``, ``../shared/data/humans``, is the development checkout's photo set beside the
+repository, not part of it: without ground truth the benchmark says it is skipped and exits 0.
 """
 
 from __future__ import annotations

@@ -3,11 +3,16 @@
 Every subcommand reads a YAML file from ``configs/`` (or ``--config PATH``). Overrides are
 parsed as YAML scalars (``--set writer.max_samples=500``) and must name an existing key, so a
 typo fails at start instead of being ignored.
+
+The repository's top-level ``configs/`` folder ships inside the distribution as the package
+``hyperhuman.configs`` (``setup.py`` maps it), so an installed wheel finds its configs the
+same way an editable install does: through ``importlib.resources``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 from pathlib import Path
 
 import yaml
@@ -17,7 +22,21 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    try:
+        return Path(str(importlib.resources.files("hyperhuman.configs")))
+    except ModuleNotFoundError:
+        # A source checkout imported without installing it (PYTHONPATH=.), or an editable
+        # install made before configs/ became package data: the folder beside the package.
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
+
+
+def available_configs() -> list[str]:
+    """Every shipped config by name, e.g. ``["annotate/full", ..., "lsdm/tiny", ...]``."""
+    return sorted(path.relative_to(CONFIG_DIR).with_suffix("").as_posix() for path in CONFIG_DIR.rglob("*.yaml"))
 
 
 def config_path(name_or_path: str) -> Path:
@@ -53,9 +72,35 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
     path = config_path(name_or_path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config PATH to a YAML file")
+        raise ConfigError(
+            f"config file {path} does not exist; pass --config PATH to a YAML file or one of {available_configs()}"
+        )
     with open(path) as handle:
         config = yaml.safe_load(handle) or {}
     if not isinstance(config, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return apply_overrides(config, overrides or [])
+
+
+def check_known_keys(config: dict, known: dict, reference: str, where: str = "") -> None:
+    """Refuse keys a recipe does not read, so a typo, or a key of another recipe, fails at start
+    instead of being ignored for an hour. ``known`` maps each key to ``None`` (a value, or a section
+    whose keys belong to another library, e.g. a diffusers UNet config) or to a dict (a section,
+    checked the same way); ``reference`` is the config file that documents them."""
+    for key, value in config.items():
+        path = f"{where}{key}"
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {path!r}; known {'in ' + where.rstrip('.') if where else 'at the top level'}: "
+                f"{sorted(known)} (see {reference})"
+            )
+        if isinstance(known[key], dict) and isinstance(value, dict):
+            check_known_keys(value, known[key], reference, f"{path}.")
+
+
+def documented_keys(known: dict, where: str = "") -> list[str]:
+    """Every dotted key of a ``known`` schema (for the test that the shipped configs document them)."""
+    keys = []
+    for key, value in known.items():
+        keys += documented_keys(value, f"{where}{key}.") if isinstance(value, dict) else [f"{where}{key}"]
+    return keys

@@ -7,7 +7,18 @@ import pytest
 
 from .conftest import REPO_ROOT
 
-SOURCES = ["shards", "annotators", "pipelines", "hyperhuman", "distill", "tests", "bench", "scripts"]
+SOURCES = [
+    "shards",
+    "annotators",
+    "pipelines",
+    "hyperhuman",
+    "distill",
+    "tests",
+    "bench",
+    "scripts",
+    "configs",
+    "setup.py",
+]
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
