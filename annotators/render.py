@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from hyperhuman.skeleton import LIMBS, SCORE_THRESHOLD, render_pose  # noqa: F401  TEMPORARY: importers move
-
 
 def render_depth(depth: np.ndarray, kind: str = "metric") -> np.ndarray:
     """Depth → RGB uint8 with the inferno colour map, near = bright (inverse kinds: large = near)."""

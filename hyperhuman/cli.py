@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from hyperhuman.config import ConfigError, load_config
+from hyperhuman.config import ConfigError, check_known_keys, load_config
 
 
 def _add_config_options(parser: argparse.ArgumentParser, default_config: str) -> None:
@@ -26,10 +26,26 @@ def _add_config_options(parser: argparse.ArgumentParser, default_config: str) ->
     )  # fmt: skip
 
 
+SHARDS_KEYS = {
+    "writer": dict.fromkeys(["max_samples", "max_bytes", "jpeg_quality"]),
+    "pack": dict.fromkeys(["extensions", "partition"]),
+    "validate": {"decode": None},
+    "inspect": {"max_keys": None},
+}
+
+
+def load_shards_config(args: argparse.Namespace) -> dict:
+    config = load_config(args.config, args.overrides)
+    check_known_keys(config, SHARDS_KEYS, "configs/shards.yaml")
+    if missing := [section for section in SHARDS_KEYS if section not in config]:
+        raise ConfigError(f"shards config lacks {missing}; see configs/shards.yaml")
+    return config
+
+
 def _shards_pack(args: argparse.Namespace) -> int:
     from shards.pack import pack_folder
 
-    config = load_config(args.config, args.overrides)
+    config = load_shards_config(args)
     manifest = pack_folder(
         args.source,
         args.output,
@@ -45,7 +61,7 @@ def _shards_pack(args: argparse.Namespace) -> int:
 def _shards_validate(args: argparse.Namespace) -> int:
     from shards.validate import validate
 
-    config = load_config(args.config, args.overrides)
+    config = load_shards_config(args)
     problems = validate(args.path, decode=config["validate"]["decode"])
     for problem in problems:
         print(problem)
@@ -59,7 +75,7 @@ def _shards_validate(args: argparse.Namespace) -> int:
 def _shards_inspect(args: argparse.Namespace) -> int:
     from shards.validate import inspect
 
-    config = load_config(args.config, args.overrides)
+    config = load_shards_config(args)
     report = inspect(args.path, max_keys=config["inspect"]["max_keys"])
     if args.json:
         print(json.dumps(report, indent=2))
@@ -144,23 +160,25 @@ def _train_sgr(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hyperhuman.evaluate import run_eval
+    from hyperhuman.eval.evaluate import run_eval
 
     config = load_config(args.config, args.overrides)
     if args.num is not None:
         config["num"] = args.num
     if args.refiner is not None:
         config["refiner"] = args.refiner
-    report = run_eval(args.model, args.shards, args.output, config)
+    report = run_eval(args.model, args.shards, args.output, config, overwrite=args.overwrite)
     for name, value in report["metrics"].items():
         shown = "skipped: " + report["skipped"][name] if value is None else f"{value:.4f}"
         print(f"[eval] {name:<16} {shown}")
+    for name, message in report.get("warnings", {}).items():
+        print(f"[eval] warning ({name}): {message}")
     print(f"[eval] {report['info']['samples']} samples; gallery: {report['gallery']}")
     return 0
 
 
 def _gallery_shards(args: argparse.Namespace) -> int:
-    from hyperhuman.gallery import shard_gallery
+    from hyperhuman.eval.gallery import shard_gallery
 
     index = shard_gallery(args.shards, args.output, page_size=args.page_size)
     print(f"[gallery] open {index}")
@@ -168,7 +186,7 @@ def _gallery_shards(args: argparse.Namespace) -> int:
 
 
 def _gallery_run(args: argparse.Namespace) -> int:
-    from hyperhuman.gallery import generation_gallery
+    from hyperhuman.eval.gallery import generation_gallery
 
     index = generation_gallery(args.run, args.output, page_size=args.page_size)
     print(f"[gallery] open {index}")
@@ -243,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=None, help="eval samples (default: the config's num)")
     evaluate.add_argument("--output", default=None, help="where to write (default: MODEL/eval)")
     evaluate.add_argument("--refiner", default=None, help="a train-sgr output: refine stage 1 and score the result")
+    evaluate.add_argument(
+        "--overwrite", action="store_true",
+        help="regenerate every sample, even when --output holds generations made with other settings",
+    )  # fmt: skip
     _add_config_options(evaluate, "eval/default")
     evaluate.set_defaults(func=_eval)
 
@@ -267,13 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status: 0 done; 1 a configuration or run-time problem the message explains (a bad key or
+# value, missing data, weights or files); 2 a usage error (argparse's own). Anything else is a bug
+# and keeps its traceback.
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors exit with 2 here
     try:
         return args.func(args)
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"hyperhuman {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -21,7 +21,40 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from hyperhuman.config import ConfigError
+
 STATE_FILE = "trainer_state.json"
+
+# The keys the training recipes share (one vocabulary across train-vae, train-lsdm, train-sgr and
+# the distillation recipes), for `hyperhuman.config.check_known_keys`: a key no recipe reads is
+# refused at start. Each recipe adds its own; its shipped config documents them all (tested).
+DATA_KEYS = dict.fromkeys(
+    ["train", "resolution", "random_crop", "min_crop_scale", "flip_prob", "shuffle_buffer", "num_workers"]
+)
+TRAIN_KEYS = {
+    **dict.fromkeys(
+        [
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "learning_rate",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "weight_decay",
+            "lr_scheduler",
+            "lr_warmup_steps",
+            "max_grad_norm",
+            "mixed_precision",
+            "gradient_checkpointing",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "log_every",
+        ]
+    ),  # fmt: skip
+    "ema": {"use": None, "decay": None},
+}
+VALIDATION_KEYS = dict.fromkeys(["every", "num_samples", "num_inference_steps", "guidance_scale"])
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -37,7 +70,7 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (no {STATE_FILE}); use 'latest' or a path")
+        raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no {STATE_FILE}); use 'latest' or a path")
     return path
 
 
@@ -158,7 +191,7 @@ def restore(accelerator, output: Path, resume: str | None, command: str) -> dict
     checkpoint = resolve_resume(output, resume)
     if checkpoint is None:
         if resume and resume != "latest":
-            raise ValueError(f"--resume {resume!r} not found")
+            raise ConfigError(f"--resume {resume!r} not found")
         return {"global_step": 0, "micro_step": 0, "data": {"epoch": 0, "batches_in_epoch": 0}}
     accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / STATE_FILE).read_text())

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from hyperhuman import modalities
+from hyperhuman.config import ConfigError
 
 MODALITIES = ("rgb", "depth", "normal", "pose")
 DATA_KEYS = {
     "train",
     "eval",
     "resolution",
-    "batch_size",
     "random_crop",
     "min_crop_scale",
     "flip_prob",
@@ -56,15 +56,25 @@ DATA_KEYS = {
     "num_workers",
 }
 TRAIN_KEYS = {
-    "max_steps",
-    "lr",
+    "batch_size",
+    "max_train_steps",
+    "learning_rate",
     "weight_decay",
     "kl_weight",
-    "seed",
     "log_every",
     "scale_samples",
     "eval_samples",
     "channels_last",
+}
+KNOWN_KEYS = {"output": None, "seed": None, "data": dict.fromkeys(DATA_KEYS), "model": None,
+              "train": dict.fromkeys(TRAIN_KEYS)}  # fmt: skip
+# The training recipes share one vocabulary (train.batch_size, train.max_train_steps,
+# train.learning_rate, top-level seed); the names this recipe used before say where they went.
+RENAMED = {
+    "data.batch_size": "train.batch_size",
+    "train.max_steps": "train.max_train_steps",
+    "train.lr": "train.learning_rate",
+    "train.seed": "seed (top level)",
 }
 MAKE_SHARDS = "make some with `hyperhuman annotate SOURCE OUTPUT` (or `make demo` for demo_output/shards)"
 
@@ -80,7 +90,7 @@ def load_vae(path: str | os.PathLike, **kwargs):
         return AutoencoderKL.from_pretrained(path, **kwargs)
     if os.path.isfile(os.path.join(path, "vae", "config.json")):
         return AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
-    raise ValueError(
+    raise ConfigError(
         f"no VAE at {path!r} (no config.json there or in its vae/ folder): train one with "
         "`hyperhuman train-vae --set data.train=SHARDS --set output=DIR` (it lands in DIR/vae), "
         "or point at a Stable Diffusion vae/ folder"
@@ -107,36 +117,46 @@ def downscale_factor(model: dict) -> int:
     return 2 ** (len(model["block_out_channels"]) - 1)
 
 
-def check_vae_config(config: dict) -> None:
-    """Every problem that can be seen before training, as a ValueError naming the key."""
+def check_vae_config(config: dict, check_paths: bool = True) -> None:
+    """Every problem that can be seen before training, as a ValueError naming the key
+    (``check_paths=False``: not whether the shards exist)."""
     for section in ("output", "data", "model", "train"):
         if not config.get(section):
-            raise ValueError(f"VAE config lacks {section!r}; see configs/vae/tiny.yaml")
+            raise ConfigError(f"VAE config lacks {section!r}; see configs/vae/tiny.yaml")
+    if unknown := sorted(set(config) - {"output", "seed", "data", "model", "train"}):
+        raise ConfigError(f"unknown top-level keys {unknown}; known: output, seed, data, model, train")
     data, model, train = config["data"], config["model"], config["train"]
     for name, section, known in (("data", data, DATA_KEYS), ("train", train, TRAIN_KEYS)):
         if unknown := sorted(set(section) - known):
-            raise ValueError(f"unknown {name} keys {unknown}; known: {sorted(known)} (see configs/vae/tiny.yaml)")
-    shard_urls(data.get("train"), "data.train")
-    if data.get("eval"):
-        shard_urls(data["eval"], "data.eval")
-    for section, key in (("data", "resolution"), ("data", "batch_size"), ("train", "max_steps")):
+            renamed = [
+                f"{name}.{key} is now {RENAMED[f'{name}.{key}']}" for key in unknown if f"{name}.{key}" in RENAMED
+            ]
+            hint = f" ({'; '.join(renamed)})" if renamed else ""
+            raise ConfigError(
+                f"unknown {name} keys {unknown}{hint}; known: {sorted(known)} (see configs/vae/tiny.yaml)"
+            )
+    if check_paths:
+        shard_urls(data.get("train"), "data.train")
+        if data.get("eval"):
+            shard_urls(data["eval"], "data.eval")
+    for section, key in (("data", "resolution"), ("train", "batch_size"), ("train", "max_train_steps")):
         value = config[section].get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{section}.{key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}")
     channels = model.get("block_out_channels")
     if not channels:
-        raise ValueError("model.block_out_channels is not set: one entry per VAE block, e.g. [32, 64, 128, 128]")
+        raise ConfigError("model.block_out_channels is not set: one entry per VAE block, e.g. [32, 64, 128, 128]")
     factor = downscale_factor(model)
     resolution = data["resolution"]
     if resolution % factor:
-        raise ValueError(
+        raise ConfigError(
             f"data.resolution={resolution} is not divisible by the VAE's downscale factor {factor} "
             f"(2 ** (len(model.block_out_channels) - 1)); use a multiple of {factor}, "
             f"e.g. {max(factor, resolution // factor * factor)}"
         )
     groups = model.get("norm_num_groups", 32)
     if any(width % groups for width in channels):
-        raise ValueError(
+        raise ConfigError(
             f"model.norm_num_groups={groups} must divide every model.block_out_channels entry {list(channels)}"
         )
 
@@ -147,22 +167,24 @@ def shard_urls(source, key: str = "data.train") -> list[str]:
     from shards.reader import expand_urls
 
     if not source:
-        raise ValueError(
+        raise ConfigError(
             f"{key} is not set: point it at HumanVerse shards (a dataset folder or a tar pattern); {MAKE_SHARDS}"
         )
     try:
         urls = expand_urls(source)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"{key}={source!r} has no complete shards ({exc}); {MAKE_SHARDS}, or fix the path") from exc
+        raise ConfigError(f"{key}={source!r} has no complete shards ({exc}); {MAKE_SHARDS}, or fix the path") from exc
     local = [url.removeprefix("file://") for url in urls if "://" not in url or url.startswith("file://")]
     missing = [path for path in local if not os.path.isfile(path)]
     if not urls or missing:
         detail = f"missing {missing[:3]}" if missing else "nothing matched"
-        raise ValueError(f"{key}={source!r} has no usable shards ({detail}); {MAKE_SHARDS}, or fix the path")
+        raise ConfigError(f"{key}={source!r} has no usable shards ({detail}); {MAKE_SHARDS}, or fix the path")
     return urls
 
 
-def epoch_loader(data: dict, urls: list[str], seed: int, *, augment: bool, drop_last: bool) -> DataLoader:
+def epoch_loader(
+    data: dict, urls: list[str], seed: int, batch_size: int, *, augment: bool, drop_last: bool
+) -> DataLoader:
     """One pass over the shards: every random draw (shard order, shuffle, crops, flips) from ``seed``."""
     from shards.dataset import SampleTransform, humanverse_dataset
 
@@ -178,33 +200,32 @@ def epoch_loader(data: dict, urls: list[str], seed: int, *, augment: bool, drop_
     )
     return DataLoader(
         dataset,
-        batch_size=data["batch_size"],
+        batch_size=batch_size,
         num_workers=data.get("num_workers") or 0,
         collate_fn=default_collate,
         drop_last=drop_last,
     )
 
 
-def training_batches(data: dict, urls: list[str], seed: int) -> Iterator[dict]:
+def training_batches(data: dict, urls: list[str], seed: int, batch_size: int) -> Iterator[dict]:
     """Endless augmented batches, epoch after epoch (epoch ``e`` seeded with ``(seed, e)``)."""
     epoch = 0
     while True:
         count = 0
-        for batch in epoch_loader(data, urls, seed * 100_003 + epoch, augment=True, drop_last=True):
+        for batch in epoch_loader(data, urls, seed * 100_003 + epoch, batch_size, augment=True, drop_last=True):
             count += 1
             yield batch
         if not count:
-            raise ValueError(
-                f"data.train has fewer than data.batch_size={data['batch_size']} samples: "
-                "lower data.batch_size or add shards"
+            raise ConfigError(
+                f"data.train has fewer than train.batch_size={batch_size} samples: lower train.batch_size or add shards"
             )
         epoch += 1
 
 
-def fixed_batches(data: dict, urls: list[str], seed: int, samples: int) -> Iterator[dict]:
+def fixed_batches(data: dict, urls: list[str], seed: int, samples: int, batch_size: int) -> Iterator[dict]:
     """Batches of centred, unflipped crops: the first ``samples`` samples (one pass at most)."""
     seen = 0
-    for batch in epoch_loader(data, urls, seed, augment=False, drop_last=False):
+    for batch in epoch_loader(data, urls, seed, batch_size, augment=False, drop_last=False):
         if seen >= samples:
             break
         take = min(samples - seen, len(batch["key"]))
@@ -224,19 +245,21 @@ def train_vae(config: dict) -> dict:
     started = time.perf_counter()
     data, train = config["data"], config["train"]
     output = Path(config["output"])
-    seed = int(train.get("seed", 0))
-    max_steps, log_every = train["max_steps"], train.get("log_every", 50)
+    seed, batch_size = int(config.get("seed", 0)), train["batch_size"]
+    max_steps, log_every = train["max_train_steps"], train.get("log_every", 50)
     train_urls = shard_urls(data["train"])
     torch.manual_seed(seed)
     vae = build_vae(config["model"])
     memory_format = torch.channels_last if train.get("channels_last", True) else torch.contiguous_format
     vae.to(memory_format=memory_format)  # ~15% faster convolutions on CPU
     optimizer = torch.optim.AdamW(
-        vae.parameters(), lr=float(train.get("lr", 1e-3)), weight_decay=float(train.get("weight_decay", 0.0))
+        vae.parameters(),
+        lr=float(train.get("learning_rate", 1e-3)),
+        weight_decay=float(train.get("weight_decay", 0.0)),
     )
     kl_weight = float(train.get("kl_weight", 1e-6))
     generator = torch.Generator().manual_seed(seed)
-    batches = training_batches(data, train_urls, seed)
+    batches = training_batches(data, train_urls, seed, batch_size)
     losses, kls = [], []
     vae.train()
     for step in range(1, max_steps + 1):
@@ -266,7 +289,7 @@ def train_vae(config: dict) -> dict:
         # scaling_factor from the training data (centred crops), as SD's 0.18215 was measured
         rgb_latents = [
             vae.encode(modalities.batch_to_units(batch)["rgb"]).latent_dist.mode()
-            for batch in fixed_batches(data, train_urls, seed, int(train.get("scale_samples", 64)))
+            for batch in fixed_batches(data, train_urls, seed, int(train.get("scale_samples", 64)), batch_size)
         ]
         rgb_latents = torch.cat(rgb_latents)
         scaling_factor = 1.0 / max(float(rgb_latents.std()), 1e-6)
@@ -274,7 +297,7 @@ def train_vae(config: dict) -> dict:
         eval_urls = shard_urls(data["eval"], "data.eval") if data.get("eval") else train_urls
         inputs = {name: [] for name in MODALITIES}
         outputs = {name: [] for name in MODALITIES}
-        for batch in fixed_batches(data, eval_urls, seed, int(train.get("eval_samples", 32))):
+        for batch in fixed_batches(data, eval_urls, seed, int(train.get("eval_samples", 32)), batch_size):
             units = modalities.batch_to_units(batch)
             for name in MODALITIES:
                 inputs[name].append(units[name])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from annotators.base import AnnotatorConfig, to_rgb
 from annotators.registry import build_annotator
+from hyperhuman.config import ConfigError
 from shards.sample import Sample
 
 # Run order, and the keyword under which each output reaches later annotators (Annotator.inputs).
@@ -38,10 +39,10 @@ class AnnotateStage:
     def __init__(self, config: dict):
         missing = [modality for modality in MODALITIES if modality not in config]
         if missing:
-            raise ValueError(f"annotator config lacks modalities {missing}; see configs/annotate/offline.yaml")
+            raise ConfigError(f"annotator config lacks modalities {missing}; see configs/annotate/offline.yaml")
         unknown = set(config) - {modality for modality, _ in STAGES}
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)} in the annotator config")
+            raise ConfigError(f"unknown modalities {sorted(unknown)} in the annotator config")
         self.annotators = {
             modality: build_annotator(AnnotatorConfig.from_dict(config[modality]))
             for modality, _ in STAGES

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hyperhuman.config import ConfigError
+
 DEFAULT_FILTERS = {
     "min_side": 200,  # shorter image side, pixels
     "max_aspect": 3.0,  # longer side / shorter side
@@ -17,7 +19,7 @@ DEFAULT_FILTERS = {
 def check_filters(options: dict) -> dict:
     unknown = set(options) - set(DEFAULT_FILTERS)
     if unknown:
-        raise ValueError(f"unknown filters {sorted(unknown)}; known: {sorted(DEFAULT_FILTERS)}")
+        raise ConfigError(f"unknown filters {sorted(unknown)}; known: {sorted(DEFAULT_FILTERS)}")
     return {**DEFAULT_FILTERS, **options}
 
 

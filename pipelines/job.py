@@ -18,6 +18,7 @@ from collections import Counter
 
 import fsspec
 
+from hyperhuman.config import ConfigError
 from pipelines import fetch as fetching
 from pipelines.filters import check_filters, image_rule, people_rule
 from pipelines.progress import ProgressBar
@@ -190,7 +191,7 @@ def check_job_file(output: str, job: dict, overwrite: bool, storage_options: dic
             previous = json.load(handle)
         if previous != job:
             changed = sorted(key for key in set(previous) | set(job) if previous.get(key) != job.get(key))
-            raise ValueError(
+            raise ConfigError(
                 f"{output} was written by a job with different settings (changed: {changed}); "
                 "rerun with the same config to resume, use another output, or pass --overwrite to rewrite it"
             )
@@ -205,19 +206,19 @@ def check_job_config(config: dict) -> dict:
 
     for section in ("partition_size", "annotators", "ray"):
         if section not in config:
-            raise ValueError(f"job config lacks {section!r}; see configs/annotate/offline.yaml")
+            raise ConfigError(f"job config lacks {section!r}; see configs/annotate/offline.yaml")
     filters = check_filters(config.get("filters", {}))
     annotators = config["annotators"]
     missing = [modality for modality in MODALITIES if modality not in annotators]
     unknown = set(annotators) - {modality for modality, _ in STAGES}
     if missing or unknown:
-        raise ValueError(f"annotators: missing modalities {missing}, unknown {sorted(unknown)}")
+        raise ConfigError(f"annotators: missing modalities {missing}, unknown {sorted(unknown)}")
     for modality, annotator in annotators.items():
         if annotator.get("name") not in REGISTRY:
-            raise ValueError(f"annotators.{modality}.name {annotator.get('name')!r} is not one of {sorted(REGISTRY)}")
+            raise ConfigError(f"annotators.{modality}.name {annotator.get('name')!r} is not one of {sorted(REGISTRY)}")
     for stage in ("fetch", "annotate", "write"):
         if stage not in config["ray"]:
-            raise ValueError(f"job config lacks ray.{stage} (resources for that stage)")
+            raise ConfigError(f"job config lacks ray.{stage} (resources for that stage)")
     return filters
 
 

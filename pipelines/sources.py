@@ -19,6 +19,8 @@ import posixpath
 
 import fsspec
 
+from hyperhuman.config import ConfigError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
 
@@ -60,7 +62,7 @@ def url_list_rows(
         else:
             table = pd.read_csv(handle, sep="\t" if base.endswith(".tsv") else ",", compression=compression, dtype=str)
     if url_column not in table.columns:
-        raise ValueError(
+        raise ConfigError(
             f"URL list {path} has no column {url_column!r} (columns: {list(table.columns)}); set source.url_column"
         )
     extra_columns = [c for c in table.columns if c not in (url_column, caption_column)]
@@ -107,7 +109,7 @@ def list_inputs(source: str, options: dict) -> list[dict]:
         if tars and not any(posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in fs.ls(path, detail=False)):
             return [row for tar in tars for row in tar_rows(fs.unstrip_protocol(tar), storage_options)]
         return folder_rows(source, storage_options)
-    raise ValueError(
+    raise ConfigError(
         f"source {source!r} is not a folder, a URL list ({', '.join(URL_LIST_SUFFIXES)}) or webdataset tars"
     )
 
@@ -115,7 +117,7 @@ def list_inputs(source: str, options: dict) -> list[dict]:
 def partition_inputs(rows: list[dict], partition_size: int) -> list[dict]:
     """``[{"partition": id, "rows": [...]}]``; rows without a key get ``PPPPPPIIIII``."""
     if partition_size < 1:
-        raise ValueError(f"partition_size must be ≥ 1, got {partition_size}")
+        raise ConfigError(f"partition_size must be ≥ 1, got {partition_size}")
     partitions = []
     for start in range(0, len(rows), partition_size):
         partition = start // partition_size

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from hyperhuman import modalities
+from hyperhuman.config import ConfigError
 from shards.dataset import SampleTransform, humanverse_dataset
 from shards.reader import expand_urls
 
@@ -20,16 +21,16 @@ def check_data(data: dict) -> list[str]:
     """Shard URLs of ``data.train``, or a ValueError naming the key and how to make shards."""
     source = data.get("train")
     if not source:
-        raise ValueError("data.train is not set: point it at HumanVerse shards (a dataset folder or a tar pattern)")
+        raise ConfigError("data.train is not set: point it at HumanVerse shards (a dataset folder or a tar pattern)")
     try:
         urls = expand_urls(source)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(
+        raise ConfigError(
             f"data.train={source!r} has no complete shards ({exc}); make some with `hyperhuman annotate` "
             "or `make demo`, or fix the path"
         ) from exc
     if not urls:
-        raise ValueError(f"data.train={source!r} has no complete shards; make some with `hyperhuman annotate`")
+        raise ConfigError(f"data.train={source!r} has no complete shards; make some with `hyperhuman annotate`")
     return urls
 
 
@@ -85,8 +86,8 @@ class Batches:
                 return batch
             except StopIteration:
                 self._iterator, self.epoch, self.batches_in_epoch = None, self.epoch + 1, 0
-        raise ValueError(
-            f"data.train has fewer than data batch_size={self.batch_size} samples per epoch; "
+        raise ConfigError(
+            f"data.train has fewer than train.batch_size={self.batch_size} samples per epoch; "
             "lower train.batch_size or add shards"
         )
 

@@ -28,20 +28,24 @@ from hyperhuman.lsdm.model import LatentStructuralUNet
 from hyperhuman.skeleton import check_renderer_version
 from hyperhuman.text import encode_prompts
 
+# DDIM with zero terminal SNR, v-prediction and trailing spacing (Lin et al. 2024, used by HyperHuman).
+SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
 
-def make_scheduler(num_train_timesteps: int = 1000, **overrides) -> DDIMScheduler:
-    """DDIM with zero terminal SNR, v-prediction and trailing spacing (Lin et al. 2024, used by HyperHuman)."""
-    options = {
-        "num_train_timesteps": num_train_timesteps,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": True,
-        "timestep_spacing": "trailing",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-    }
+
+def make_scheduler(**overrides) -> DDIMScheduler:
+    """The training recipes' ``scheduler:`` section → a DDIMScheduler (:data:`SCHEDULER_DEFAULTS` for
+    what it leaves out)."""
+    options = dict(SCHEDULER_DEFAULTS)
     options.update(overrides)
     return DDIMScheduler(**options)
 

@@ -28,11 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hyperhuman.config import ConfigError, check_known_keys
 from hyperhuman.lsdm.data import Batches, check_data, compute_latent_norm, encode_batch
 from hyperhuman.lsdm.model import BRANCHES, LatentStructuralUNet
-from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
+from hyperhuman.lsdm.pipeline import SCHEDULER_DEFAULTS, HyperHumanPipeline, make_scheduler
 from hyperhuman.skeleton import RENDERER_VERSION
 from hyperhuman.training import (
+    DATA_KEYS,
+    TRAIN_KEYS,
+    VALIDATION_KEYS,
     check_processes_agree,
     image_grid,
     make_accelerator,
@@ -43,43 +47,66 @@ from hyperhuman.training import (
     step_generator,
 )
 
-
 # --- configuration ---------------------------------------------------------------------------------
+KNOWN_KEYS = {
+    "output": None,
+    "seed": None,
+    "data": {**DATA_KEYS, "cache_latents": None},
+    "model": dict.fromkeys(
+        [
+            "pretrained_unet",
+            "unet",
+            "branches",
+            "replicated_blocks",
+            "merge",
+            "vae",
+            "text_encoder",
+            "latent_norm",
+            "latent_stats_batches",
+        ]
+    ),  # fmt: skip
+    "scheduler": dict.fromkeys(SCHEDULER_DEFAULTS),
+    "train": {**TRAIN_KEYS, **dict.fromkeys(["condition_dropout", "pose_dropout", "loss_weights"])},
+    "validation": VALIDATION_KEYS,
+}
+
+
 def check_config(config: dict, check_paths: bool = True) -> None:
     """Everything that would fail an hour in fails here, naming the key to fix."""
     for section in ("output", "data", "model", "train"):
         if section not in config:
-            raise ValueError(f"training config lacks {section!r}; see configs/lsdm/tiny.yaml")
+            raise ConfigError(f"training config lacks {section!r}; see configs/lsdm/tiny.yaml")
+    check_known_keys(config, KNOWN_KEYS, "configs/lsdm/tiny.yaml")
     model, train, data = config["model"], config["train"], config["data"]
     branches = model.get("branches", list(BRANCHES))
     unknown = [name for name in branches if name not in BRANCHES]
     if unknown or len(set(branches)) != len(branches) or "rgb" not in branches:
-        raise ValueError(f"model.branches={branches!r}: distinct names from {list(BRANCHES)}, including 'rgb'")
+        raise ConfigError(f"model.branches={branches!r}: distinct names from {list(BRANCHES)}, including 'rgb'")
     weights = train.get("loss_weights")
     if weights is not None and len(weights) != len(branches):
-        raise ValueError(
+        raise ConfigError(
             f"train.loss_weights has {len(weights)} entries for {len(branches)} branches {branches}: "
             "give one per branch"
         )
     norm = model.get("latent_norm")
     if isinstance(norm, dict) and (missing := [m for m in [*branches, "pose"] if m not in norm]):
-        raise ValueError(f"model.latent_norm lacks {missing}; give [shift, scale] for every branch and 'pose'")
+        raise ConfigError(f"model.latent_norm lacks {missing}; give [shift, scale] for every branch and 'pose'")
     if not model.get("vae"):
-        raise ValueError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
+        raise ConfigError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
     if not model.get("pretrained_unet") and not model.get("unet"):
-        raise ValueError("set model.pretrained_unet (an SD-style UNet directory) or model.unet (an architecture)")
+        raise ConfigError("set model.pretrained_unet (an SD-style UNet directory) or model.unet (an architecture)")
     for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
         if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ValueError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
     if data.get("cache_latents") and (data.get("random_crop", True) or data.get("flip_prob", 0.5)):
-        raise ValueError(
+        raise ConfigError(
             "data.cache_latents needs fixed crops: set data.random_crop=false and data.flip_prob=0 "
             "(cached latents cannot follow random augmentation)"
         )
     if check_paths:
         check_data(data)
         if not os.path.isdir(model["vae"]):
-            raise ValueError(
+            raise ConfigError(
                 f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae` "
                 "or point it at a Stable Diffusion vae/ folder"
             )
@@ -88,7 +115,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
 def check_resolution(resolution: int, vae_factor: int, unet_factor: int) -> None:
     step = vae_factor * unet_factor
     if resolution % step:
-        raise ValueError(
+        raise ConfigError(
             f"data.resolution={resolution} is not divisible by {step} (VAE factor {vae_factor} × UNet down factor "
             f"{unet_factor}); use a multiple such as {max(step, resolution // step * step)}"
         )
@@ -209,7 +236,7 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
     check_resolution(data["resolution"], vae_factor, 2**model.trunk.num_upsamplers)
     cross = model.config.unet.get("cross_attention_dim")
     if cross != text_encoder.config.hidden_size:
-        raise ValueError(
+        raise ConfigError(
             f"the UNet's cross_attention_dim is {cross} but the text encoder gives {text_encoder.config.hidden_size}-d "
             f"states; set model.unet.cross_attention_dim={text_encoder.config.hidden_size} or use another text encoder"
         )

@@ -39,13 +39,17 @@ import torch
 import torch.nn.functional as F
 
 from hyperhuman import modalities
+from hyperhuman.config import ConfigError, check_known_keys
 from hyperhuman.lsdm.data import Batches, check_data
-from hyperhuman.lsdm.pipeline import make_scheduler
+from hyperhuman.lsdm.pipeline import SCHEDULER_DEFAULTS, make_scheduler
 from hyperhuman.lsdm.train import first_samples
 from hyperhuman.sgr.model import CONDITIONS, PAPER_DROP_PROBABILITIES, TEXT, StructureGuidedRefiner, drop_conditions
 from hyperhuman.sgr.model import refiner_forward as run_refiner
 from hyperhuman.skeleton import RENDERER_VERSION
 from hyperhuman.training import (
+    DATA_KEYS,
+    TRAIN_KEYS,
+    VALIDATION_KEYS,
     check_processes_agree,
     gather_from_processes,
     image_grid,
@@ -58,33 +62,54 @@ from hyperhuman.training import (
 )
 
 SECTIONS = ("output", "data", "model", "train")
+KNOWN_KEYS = {
+    "output": None,
+    "seed": None,
+    "data": DATA_KEYS,
+    "model": dict.fromkeys(
+        [
+            "pretrained_unet",
+            "unet",
+            "conditions",
+            "embedder_channels",
+            "embedder_strides",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+        ]
+    ),  # fmt: skip
+    "scheduler": dict.fromkeys(SCHEDULER_DEFAULTS),
+    "train": {**TRAIN_KEYS, "drop": None},
+    "validation": VALIDATION_KEYS,
+}
 
 
 def check_config(config: dict, check_paths: bool = True) -> None:
     """Everything that would fail an hour in fails here, naming the key to fix."""
     for section in SECTIONS:
         if section not in config:
-            raise ValueError(f"training config lacks {section!r}; see configs/sgr/tiny.yaml")
+            raise ConfigError(f"training config lacks {section!r}; see configs/sgr/tiny.yaml")
+    check_known_keys(config, KNOWN_KEYS, "configs/sgr/tiny.yaml")
     model, train, data = config["model"], config["train"], config["data"]
     conditions = list(model.get("conditions", CONDITIONS))
     if unknown := [name for name in conditions if name not in CONDITIONS]:
-        raise ValueError(f"model.conditions has unknown names {unknown}; choose from {list(CONDITIONS)}")
+        raise ConfigError(f"model.conditions has unknown names {unknown}; choose from {list(CONDITIONS)}")
     drop = train.get("drop", PAPER_DROP_PROBABILITIES)
     if unknown := sorted(set(drop) - {*conditions, TEXT}):
-        raise ValueError(f"train.drop names {unknown}, which are not model.conditions {conditions} or 'text'")
+        raise ConfigError(f"train.drop names {unknown}, which are not model.conditions {conditions} or 'text'")
     if not model.get("vae"):
-        raise ValueError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
+        raise ConfigError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
     if not model.get("pretrained_unet") and not model.get("unet"):
-        raise ValueError("set model.pretrained_unet (the base UNet's folder) or model.unet (an architecture)")
+        raise ConfigError("set model.pretrained_unet (the base UNet's folder) or model.unet (an architecture)")
     for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
         if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ValueError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
     if check_paths:
         check_data(data)
         if not os.path.isdir(model["vae"]):
-            raise ValueError(f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae`")
+            raise ConfigError(f"model.vae={model['vae']!r} is not a directory; train one with `hyperhuman train-vae`")
         if model.get("pretrained_unet") and not os.path.isdir(model["pretrained_unet"]):
-            raise ValueError(f"model.pretrained_unet={model['pretrained_unet']!r} is not a directory")
+            raise ConfigError(f"model.pretrained_unet={model['pretrained_unet']!r} is not a directory")
         if model.get("pretrained_unet"):
             check_schedule_matches_the_base(config.get("scheduler", {}), model["pretrained_unet"])
 
@@ -112,7 +137,7 @@ def check_schedule_matches_the_base(scheduler_config: dict, pretrained_unet: str
     if differ:
         fixes = " ".join(f"--set scheduler.{key}={json.dumps(base[key])}" for key in differ)
         found = ", ".join(f"{key}: ours {ours[key]!r}, the base's {base[key]!r}" for key in differ)
-        raise ValueError(
+        raise ConfigError(
             f"the scheduler: section disagrees with the base model's {path} ({found}); the frozen base was "
             f"trained on its own schedule, so train the refiner on it: {fixes}"
         )
@@ -156,16 +181,18 @@ def load_prompt_encoder(model_config: dict):
 def check_text_conditioning(base, encoders: list, pooled_dim: int | None) -> None:
     if base.config.addition_embed_type == "text_time":
         if pooled_dim is None:
-            raise ValueError(
+            raise ConfigError(
                 "the base UNet is SDXL-style (addition_embed_type: text_time): set model.text_encoder and "
                 "model.text_encoder_2 to its two text encoders (the second gives the pooled embedding)"
             )
         expected = base.config.projection_class_embeddings_input_dim - 6 * base.config.addition_time_embed_dim
         if pooled_dim != expected:
-            raise ValueError(f"text_encoder_2 gives {pooled_dim}-d pooled embeddings; the base UNet expects {expected}")
+            raise ConfigError(
+                f"text_encoder_2 gives {pooled_dim}-d pooled embeddings; the base UNet expects {expected}"
+            )
     width = sum(encoder.config.hidden_size for encoder in encoders)
     if base.config.cross_attention_dim != width:
-        raise ValueError(
+        raise ConfigError(
             f"the base UNet's cross_attention_dim is {base.config.cross_attention_dim} but the text encoder(s) give "
             f"{width}-d states; use the base model's own text encoder(s)"
         )
@@ -174,7 +201,7 @@ def check_text_conditioning(base, encoders: list, pooled_dim: int | None) -> Non
 def check_resolution(resolution: int, vae_factor: int, unet: torch.nn.Module) -> None:
     step = vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
     if resolution % step:
-        raise ValueError(
+        raise ConfigError(
             f"data.resolution={resolution} is not divisible by {step} (VAE factor {vae_factor} × UNet down factor "
             f"{step // vae_factor}); use a multiple such as {max(step, resolution // step * step)}"
         )
@@ -185,7 +212,7 @@ def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
         return scheduler.get_velocity(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         return noise
-    raise ValueError(f"scheduler.prediction_type={scheduler.config.prediction_type!r}: use v_prediction or epsilon")
+    raise ConfigError(f"scheduler.prediction_type={scheduler.config.prediction_type!r}: use v_prediction or epsilon")
 
 
 def train_sgr(config: dict, resume: str | None = None) -> dict:
@@ -203,7 +230,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
     check_resolution(data["resolution"], vae_factor, base)
     strides = list(refiner.config.embedder_strides)
     if math.prod(strides) != vae_factor:
-        raise ValueError(
+        raise ConfigError(
             f"model.embedder_strides={strides} downsample the conditions {math.prod(strides)}× but the VAE's latents "
             f"are {vae_factor}× smaller than the image: make the strides' product {vae_factor}"
         )

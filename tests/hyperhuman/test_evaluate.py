@@ -1,13 +1,17 @@
-"""hyperhuman eval at toy size: conditions from shards, generation resumed by key, same numbers on a rerun."""
+"""hyperhuman eval at toy size: conditions from shards, generation at the eval resolution, resumed
+by key only under the same fingerprint, same numbers on a rerun, feature metrics batch by batch."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from hyperhuman.evaluate import check_eval_config, eval_conditions, run_eval
+from hyperhuman.eval import scores
+from hyperhuman.eval.evaluate import check_eval_config, eval_conditions, run_eval
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
 from hyperhuman.lsdm.testing import dummy_components
 from shards.testing import make_sample
@@ -89,19 +93,117 @@ def test_bad_inputs_name_the_problem(model, shards, tmp_path):
         check_eval_config({"inception": "/no/such.pth"})
     with pytest.raises(ValueError, match="eval.num must be a positive integer"):
         check_eval_config({"num": 0})
+    with pytest.raises(ValueError, match="eval.resolution must be a positive integer, got '256'"):
+        check_eval_config({"resolution": "256"})
     assert not (tmp_path / "out").exists()
 
 
-def test_with_inception_and_clip_weights_every_metric_is_computed(
-    model, shards, inception_weights, clip_path, tmp_path
+def test_the_lsdm_generates_at_the_eval_resolution(model, shards, tmp_path):
+    # the toy LSDM's own resolution is 16: at eval resolution 32 every image shares the condition's frame
+    report = run_eval(str(model), str(shards), str(tmp_path / "eval"), {**SETTINGS, "resolution": 32})
+    assert report["info"]["resolution"] == 32
+    record = json.loads((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()[0])
+    for name in ("pose", "rgb", "depth", "normal", "reference"):
+        assert PIL.Image.open(tmp_path / "eval" / record["images"][name]).size == (32, 32), name
+
+
+def test_a_changed_fingerprint_is_refused_and_overwrite_regenerates(model, shards, tmp_path):
+    output = tmp_path / "eval"
+    first = run_eval(str(model), str(shards), str(output), dict(SETTINGS))
+    rgb = output / "samples" / "s0" / "rgb.png"
+    before = rgb.read_bytes()
+    for change, named in (
+        ({"num_inference_steps": 3}, "num_inference_steps: 2 → 3"),
+        ({"seed": 1}, "seed: 0 → 1"),
+        ({"guidance_scale": 1.5}, "guidance_scale: 3.0 → 1.5"),
+        ({"resolution": 32}, "resolution: 16 → 32"),
+    ):
+        with pytest.raises(ValueError, match=rf"{re.escape(named)}.*--overwrite"):
+            run_eval(str(model), str(shards), str(output), {**SETTINGS, **change})
+    # other weights of the same architecture, and another scheduler config
+    other = tmp_path / "other" / "pipeline"
+    pipe = HyperHumanPipeline.from_pretrained(model / "pipeline")
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(0.01)
+    pipe.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"model\.sha256: [0-9a-f]{12}… → [0-9a-f]{12}….*--overwrite"):
+        run_eval(str(other.parent), str(shards), str(output), dict(SETTINGS))
+    respaced = tmp_path / "respaced"
+    shutil.copytree(model, respaced)
+    config_path = respaced / "pipeline" / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "timestep_spacing": "leading"}))
+    with pytest.raises(ValueError, match=r"model\.scheduler\.timestep_spacing: \"trailing\" → \"leading\""):
+        run_eval(str(respaced), str(shards), str(output), dict(SETTINGS))
+    assert rgb.read_bytes() == before and json.loads((output / "metrics.json").read_text())["info"] == first["info"]
+
+    # a moved copy of the same model, or another batch size, is the same fingerprint: resumed
+    moved = tmp_path / "moved-run"
+    shutil.copytree(model, moved)
+    assert run_eval(str(moved), str(shards), str(output), {**SETTINGS, "batch_size": 3})["info"]["generated_now"] == 0
+
+    again = run_eval(str(model), str(shards), str(output), {**SETTINGS, "num_inference_steps": 3}, overwrite=True)
+    assert again["info"]["generated_now"] == 3 and rgb.read_bytes() != before
+    assert again["info"]["fingerprint"] != first["info"]["fingerprint"]
+    # the folder is now the new settings': a plain rerun of them resumes
+    rerun = run_eval(str(model), str(shards), str(output), {**SETTINGS, "num_inference_steps": 3})
+    assert rerun["info"]["generated_now"] == 0
+
+
+def test_generations_without_a_fingerprint_are_refused(model, shards, tmp_path):
+    output = tmp_path / "eval"
+    run_eval(str(model), str(shards), str(output), dict(SETTINGS))
+    (output / "fingerprint.json").unlink()  # as an eval folder written before fingerprints
+    with pytest.raises(ValueError, match=r"no fingerprint\.json.*--overwrite"):
+        run_eval(str(model), str(shards), str(output), dict(SETTINGS))
+    assert run_eval(str(model), str(shards), str(output), dict(SETTINGS), overwrite=True)["info"]["generated_now"] == 3
+
+
+def test_the_eval_command_passes_overwrite(monkeypatch, capsys):
+    from hyperhuman import cli
+    from hyperhuman.eval import evaluate
+
+    calls = []
+    report = {"metrics": {"fid": 1.5}, "skipped": {}, "warnings": {"fid": "few samples"}, "info": {"samples": 2}}
+
+    def fake_run_eval(*args, **kwargs):
+        calls.append(kwargs)
+        return {**report, "gallery": "g/index.html"}
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_run_eval)
+    assert cli.main(["eval", "--model", "m", "--shards", "s", "--overwrite"]) == 0
+    assert cli.main(["eval", "--model", "m", "--shards", "s"]) == 0
+    assert [call["overwrite"] for call in calls] == [True, False]
+    assert "[eval] warning (fid): few samples" in capsys.readouterr().out
+
+
+def test_with_inception_and_clip_weights_every_metric_is_computed_batch_by_batch(
+    model, shards, inception_weights, clip_path, tmp_path, monkeypatch
 ):
+    loaded, load_images = [], scores.load_images
+
+    def counting_load_images(conditions, *args):
+        loaded.append(len(conditions))
+        return load_images(conditions, *args)
+
+    monkeypatch.setattr(scores, "load_images", counting_load_images)
     # real architectures with random weights, given by path as users give theirs
     settings = {**SETTINGS, "inception": str(inception_weights), "clip": str(clip_path), "kid_subset_size": 3}
-    report = run_eval(str(model), str(shards), str(tmp_path / "eval"), settings)
+    with pytest.warns(UserWarning, match=r"FID from 3 samples of 2048-d features"):
+        report = run_eval(str(model), str(shards), str(tmp_path / "eval"), {**settings, "feature_batch_size": 2})
+    assert loaded == [2, 2, 1, 1]  # (reference, generated) per batch: never every image at once
     assert report["skipped"] == {}
     for name in ("fid", "kid_x1000", "fid_clip", "clip_score"):
         assert np.isfinite(report["metrics"][name]), name
     assert report["metrics"]["fid"] > 0 and 0 <= report["metrics"]["clip_score"] <= 100
+    # 3 samples: far below 2048 Inception and 8 toy-CLIP dimensions
+    assert set(report["warnings"]) == {"fid", "fid_clip"} and "--num" in report["warnings"]["fid"]
+    assert "FID from 3 samples" in (tmp_path / "eval" / "gallery" / "index.html").read_text()
+    # the batch size changes no number: all at once gives the same, up to float rounding
+    monkeypatch.setattr(scores, "load_images", load_images)
+    with pytest.warns(UserWarning):
+        at_once = run_eval(str(model), str(shards), str(tmp_path / "eval"), {**settings, "feature_batch_size": 8})
+    for name in ("fid", "kid_x1000", "fid_clip", "clip_score"):
+        assert at_once["metrics"][name] == pytest.approx(report["metrics"][name], rel=1e-5), name
 
 
 def test_with_a_refiner_the_refined_images_are_written_and_scored(model, shards, tmp_path):

@@ -14,20 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hyperhuman.gallery import (
-    format_number,
-    generation_gallery,
-    page_numbers,
-    paginate,
-    rule_of,
-    shard_gallery,
-    split_metrics,
-)
+from hyperhuman.eval.gallery import generation_gallery, shard_gallery
+from hyperhuman.eval.gallery.run import split_metrics
+from hyperhuman.eval.gallery.shards import rule_of
+from hyperhuman.eval.gallery.templates import format_number, page_numbers, paginate
 from pipelines.filters import DEFAULT_FILTERS, image_rule, people_rule
 from shards.testing import make_sample
 from shards.writer import ShardWriter
 
-from .browser import Chromium, find_chromium
+from .browser import CHECK_IMAGES_JS, chromium, find_chromium, open_page
 
 KEPT = 250
 EVIL_CAPTION = '<script>alert("caption")</script> & <b>bold</b>'
@@ -270,6 +265,35 @@ def test_rejected_pages_paginate(shards, tmp_path):
     assert sorted(path.name for path in out.glob("status-rejected-*.html")) == ["status-rejected-0001.html"]
 
 
+def test_the_parquet_rule_column_names_the_rule_where_it_is_set(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reasons = filter_reasons()
+    with ShardWriter(str(tmp_path / "in"), 0) as writer:
+        writer.write(make_sample("k0", height=12, width=16))
+        writer.reject("r0", reasons["min_people"], source="http://127.0.0.1/r0.jpg")
+        writer.reject("r1", reasons["min_person_area"], source="http://127.0.0.1/r1.jpg")
+        writer.reject("r2", "HTTP 404", status="failed", source="http://127.0.0.1/r2.jpg")
+    # the parquet of shards written with a rule column (the data side's, once it has one): one row's
+    # rule is not what its wording says, one row has none (null) and falls back to the wording
+    (parquet,) = (tmp_path / "in").glob("*.parquet")
+    table = pq.read_table(parquet)
+    rules = {"k0": None, "r0": "min_people_custom", "r1": None, "r2": "http_error"}
+    table = table.drop_columns([name for name in ("rule",) if name in table.column_names])
+    table = table.append_column("rule", pa.array([rules[key] for key in table.column("key").to_pylist()], pa.string()))
+    pq.write_table(table, parquet)
+    index = shard_gallery(str(tmp_path / "in"), str(tmp_path / "with-rules"), thumb_size=16)
+    summary = json.loads((index.parent / "gallery.json").read_text())
+    assert summary["rules"] == {"min_people_custom": 1, "min_person_area": 1, "http_error": 1}
+    assert table_rows(index.parent / "rule-min_people_custom-0001.html") == 1
+    # without the column (shards written before it existed) every rule comes from the wording
+    pq.write_table(table.drop_columns(["rule"]), parquet)
+    index = shard_gallery(str(tmp_path / "in"), str(tmp_path / "without-rules"), thumb_size=16)
+    summary = json.loads((index.parent / "gallery.json").read_text())
+    assert summary["rules"] == {"min_people": 1, "min_person_area": 1, "http_error": 1}
+
+
 def test_gallery_of_memory_filesystem_shards_and_of_no_shards(tmp_path):
     import fsspec
 
@@ -317,6 +341,7 @@ def tiny_png(path: Path, color, size=(24, 24)) -> None:
 METRICS = {
     "metrics": {"pose_ap": 0.123456789, "pose_ar": 0.5, "pose_ap50": None, "fid": None, "kid_x1000": None},
     "skipped": {"fid": "no Inception weights: set eval.inception=PATH", "kid_x1000": "no Inception weights"},
+    "warnings": {"fid": "FID from 5 samples: biased"},
     "time_s": {"pose_s": 1.25},
     "info": {"model": "/runs/lsdm/pipeline", "samples": 5, "num_inference_steps": 2},
 }
@@ -360,6 +385,7 @@ def test_generation_gallery_defaults_to_run_gallery_with_metrics_and_samples(run
     assert "/runs/lsdm/pipeline" in text  # run info, collapsed
     assert "a &lt;i&gt;person&lt;/i&gt; waving" in text and "<i>person" not in text
     assert "seed 103" in text and "0.3333" in text and "[0.75, —]" in text
+    assert '<span class="problem">FID from 5 samples: biased</span>' in text  # a metric's warning beside it
     assert "depth missing" in text and "no normal" in text
     assert items(index) == 5
     summary = json.loads((index.parent / "gallery.json").read_text())
@@ -412,13 +438,15 @@ def test_chromium_loads_every_image_from_disk(gallery, run, tmp_path):
     executable = find_chromium()
     if executable is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set HYPERHUMAN_CHROMIUM=/path/to/chrome)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in the dev extra)")
     generated = generation_gallery(str(run), str(tmp_path / "generated"))
     pages = [gallery, gallery.parent / "samples-0003.html", gallery.parent / "rule-min_side-0001.html", generated]
-    with Chromium(executable) as browser:
+    with chromium(executable) as browser:
         for page in pages:
-            tab = browser.open(page.resolve().as_uri())
-            report = tab.check_images()
+            tab = open_page(browser, page.resolve().as_uri())
+            report = tab.evaluate(CHECK_IMAGES_JS)
             assert report["images"] > 0 and report["broken"] == [], (page.name, report)
+            assert all(url.startswith("file://") for url in tab.requested), (page.name, tab.requested)
             shot = np.asarray(Image.open(io.BytesIO(tab.screenshot())).convert("L"), dtype=np.float64)
             assert shot.shape == (900, 1280)
             assert shot.std() > 15, f"{page.name}: the screenshot looks blank (std {shot.std():.1f})"

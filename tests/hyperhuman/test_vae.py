@@ -33,9 +33,10 @@ def shards(tmp_path_factory):
 def config_for(output, shards, **train):
     return {
         "output": str(output),
-        "data": {"train": str(shards), "resolution": 16, "batch_size": 2, "random_crop": False, "flip_prob": 0.0},
+        "seed": 0,
+        "data": {"train": str(shards), "resolution": 16, "random_crop": False, "flip_prob": 0.0},
         "model": {"block_out_channels": [8, 16], "norm_num_groups": 8, "sample_size": 16},
-        "train": {"max_steps": 3, "lr": 3e-3, "seed": 0, "log_every": 1000, **train},
+        "train": {"batch_size": 2, "max_train_steps": 3, "learning_rate": 3e-3, "log_every": 1000, **train},
     }
 
 
@@ -48,7 +49,7 @@ def test_training_saves_a_loadable_vae_with_the_measured_scaling_factor(shards, 
     assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     # scaling_factor is 1 / std of the RGB latents (posterior mode) of the training data
     with torch.no_grad():
-        batch = next(fixed_batches(config["data"], [str(next(shards.glob("*.tar")))], 0, 64))
+        batch = next(fixed_batches(config["data"], [str(next(shards.glob("*.tar")))], 0, 64, batch_size=2))
         latents = vae.encode(modalities.batch_to_units(batch)["rgb"]).latent_dist.mode()
     assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     assert report["scaling_factor"] == pytest.approx(1 / float(latents.std()), rel=1e-4)
@@ -79,7 +80,7 @@ def test_same_seed_same_weights_and_a_held_out_set_is_reported(shards, tmp_path)
 
 
 def test_loss_falls_when_overfitting_two_samples(shards, tmp_path):
-    report = train_vae(config_for(tmp_path / "run", shards, max_steps=120))
+    report = train_vae(config_for(tmp_path / "run", shards, max_train_steps=120))
     # the mean of the last 5 steps is at least 3x below the first 5 (measured 5.4x)
     first, last = np.mean(report["losses"][:5]), np.mean(report["losses"][-5:])
     assert last < first / 3
@@ -106,7 +107,12 @@ def test_missing_vae_names_the_path_and_the_command_that_makes_one(tmp_path):
         (lambda c, t: c["model"].update(block_out_channels=[8] * 6), r"data\.resolution=16 .* factor 32 "),
         (lambda c, t: c["data"].update(resolution=0), "data.resolution must be a positive integer"),
         (lambda c, t: c["model"].update(norm_num_groups=6), "norm_num_groups=6 must divide"),
-        (lambda c, t: c["train"].update(learning_rate=1e-3), r"unknown train keys \['learning_rate'\]"),
+        (
+            lambda c, t: c["train"].update(lr=1e-3),
+            r"unknown train keys \['lr'\] \(train.lr is now train.learning_rate\)",
+        ),
+        (lambda c, t: c["data"].update(batch_size=2), r"data.batch_size is now train.batch_size"),
+        (lambda c, t: c["train"].update(max_train_steps=0), "train.max_train_steps must be a positive integer"),
         (lambda c, t: c.pop("output"), "lacks 'output'"),
     ],
 )
@@ -121,6 +127,6 @@ def test_bad_configs_fail_at_start(change, message, shards, tmp_path):
 
 def test_fewer_samples_than_a_batch_is_a_clear_error(shards, tmp_path):
     config = config_for(tmp_path / "run", shards)
-    config["data"]["batch_size"] = 3
-    with pytest.raises(ValueError, match=r"fewer than data\.batch_size=3 samples"):
+    config["train"]["batch_size"] = 3
+    with pytest.raises(ValueError, match=r"fewer than train\.batch_size=3 samples"):
         train_vae(config)

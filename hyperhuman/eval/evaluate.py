@@ -1,21 +1,27 @@
 """``hyperhuman eval``: generate from the poses and captions of shards, score, write a gallery.
 
 The eval set is the first ``num`` kept samples of the shards, in shard order: each one's caption
-and COCO-17 pose (centre-cropped to the model's square resolution, as the training reader
-crops) are the conditions, its photo (the same crop) is the reference image. Sample ``i`` is
+and COCO-17 pose (centre-cropped to the square eval resolution, as the training reader crops)
+are the conditions, its photo (the same crop) is the reference image. Sample ``i`` is
 generated with seed ``seed + i``, so a rerun gives the same images and the same numbers (with
 another batch size, up to one level of rounding in a few pixels).
 
-Scores (:mod:`hyperhuman.metrics`):
+The pipeline generates at the eval resolution (``resolution``, default the model's own), so the
+conditioning pose, the reference crop and every generated image share one pixel frame.
+
+Scores (:mod:`hyperhuman.eval.scores`, metrics in :mod:`hyperhuman.eval.pose`, :mod:`~hyperhuman.eval.fid`,
+:mod:`~hyperhuman.eval.clip`):
 
 - pose accuracy, always: the pose annotator (the annotation job's offline default unless
-  configured) runs on each generated RGB image, upscaled to ``pose_resolution``, and its people
+  configured) runs on each generated RGB image, resized to ``pose_resolution``, and its people
   are scored against the conditioning pose with COCO OKS → AP, AP50, AP75, AR and the "clean"
-  AP/AR over the 3 most salient people; per sample, the OKS of each conditioning person's best
-  match;
+  AP/AR over the 3 most salient people (the others ignored, as COCO ignores crowds); ground-truth
+  joints are those the conditioning render drew; per sample, the OKS of each conditioning
+  person's best match;
 - FID and KID×1000 against the reference crops, when Inception weights are given
   (``inception: PATH``);
-- FID_CLIP and CLIP score, when a CLIP folder is given (``clip: PATH``).
+- FID_CLIP and CLIP score, when a CLIP folder is given (``clip: PATH``); feature metrics read the
+  images batch by batch, and FID from fewer samples than feature dimensions comes with a warning.
 
 A metric that cannot be computed is ``null`` in ``metrics.json`` with the reason under
 ``skipped``: numbers are never made up from weights we do not have.
@@ -24,10 +30,13 @@ Output (``--output``, default ``MODEL/eval``)::
 
     samples/KEY/{pose,rgb,depth,normal,reference}.png   generations and their conditions
     samples.jsonl     one line per sample: key, prompt, seed, images, pose_score
-    metrics.json      the scores, what was skipped and why, and the settings that made them
+    metrics.json      the scores, what was skipped and why, warnings, and the settings that made them
+    fingerprint.json  what determines the images (:mod:`hyperhuman.eval.fingerprint`)
     gallery/index.html
 
-Generation resumes by key: a sample whose images all exist is not generated again.
+Generation resumes by key: a sample whose images all exist is not generated again, provided the
+folder's fingerprint is this run's; another fingerprint is refused unless ``overwrite`` (CLI
+``--overwrite``), which regenerates every sample.
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+from hyperhuman.config import ConfigError
+from hyperhuman.eval.fingerprint import fingerprint_id, generation_fingerprint, prepare_output
+from hyperhuman.eval.gallery.run import generation_gallery
+from hyperhuman.eval.scores import sample_dir, score, scored_image
+
 IMAGE_NAMES = ("pose", "rgb", "depth", "normal", "reference")
 DEFAULTS = {
     "num": 16,
@@ -53,6 +67,7 @@ DEFAULTS = {
     "pose_resolution": 256,
     "inception": None,
     "clip": None,
+    "feature_batch_size": 32,
     "kid_subsets": 100,
     "kid_subset_size": 1000,
     "storage_options": {},
@@ -67,16 +82,19 @@ def check_eval_config(config: dict) -> dict:
     """The ``eval`` settings with defaults filled in; a ValueError naming any bad key or value."""
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown eval keys {unknown}; known: {sorted(DEFAULTS)} (see configs/eval/default.yaml)")
+        raise ConfigError(f"unknown eval keys {unknown}; known: {sorted(DEFAULTS)} (see configs/eval/default.yaml)")
     settings = {**DEFAULTS, **config}
-    counts = ("num", "batch_size", "num_inference_steps", "pose_resolution", "kid_subsets", "kid_subset_size")
-    for key in (*counts, "refiner_steps"):
+    counts = ("num", "batch_size", "num_inference_steps", "pose_resolution", "feature_batch_size", "kid_subsets")
+    sizes = ("resolution", "refiner_resolution")  # null: the model's own
+    for key in (*counts, "kid_subset_size", "refiner_steps", *sizes):
         value = settings[key]
+        if value is None and key in sizes:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"eval.{key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
     for key in ("inception", "clip"):
         if settings[key] and not os.path.exists(settings[key]):
-            raise ValueError(f"eval.{key}={settings[key]!r} does not exist; give a local path or null to skip")
+            raise ConfigError(f"eval.{key}={settings[key]!r} does not exist; give a local path or null to skip")
     return settings
 
 
@@ -86,7 +104,7 @@ def pipeline_path(model: str | os.PathLike, command: str = "hyperhuman train-lsd
     for candidate in (model, model / "pipeline"):
         if (candidate / "model_index.json").is_file():
             return candidate
-    raise ValueError(
+    raise ConfigError(
         f"no pipeline at {str(model)!r} (no model_index.json there or in its pipeline/ folder): "
         f"train one with `{command}` and pass its output folder"
     )
@@ -105,7 +123,7 @@ def eval_conditions(shards: str, num: int, resolution: int, storage_options: dic
     try:
         urls = expand_urls(shards, storage_options)
     except FileNotFoundError as exc:
-        raise ValueError(f"--shards {shards!r}: {exc}; make shards with `hyperhuman annotate`") from exc
+        raise ConfigError(f"--shards {shards!r}: {exc}; make shards with `hyperhuman annotate`") from exc
     transform = SampleTransform(resolution, random_crop=False, flip_prob=0.0)
     conditions = []
     for url in urls:
@@ -133,16 +151,12 @@ def eval_conditions(shards: str, num: int, resolution: int, storage_options: dic
             if len(conditions) == num:
                 return conditions
     if not conditions:
-        raise ValueError(f"--shards {shards!r} holds no samples; make shards with `hyperhuman annotate`")
+        raise ConfigError(f"--shards {shards!r} holds no samples; make shards with `hyperhuman annotate`")
     return conditions
 
 
 def image_names(settings: dict) -> tuple[str, ...]:
     return (*IMAGE_NAMES[:-1], "refined", IMAGE_NAMES[-1]) if settings["refiner"] else IMAGE_NAMES
-
-
-def sample_dir(output: Path, key: str) -> Path:
-    return output / "samples" / key
 
 
 def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
@@ -171,12 +185,14 @@ def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
                 generator=generators,
             )
             result, refined = two_stage.stage1, two_stage.refined
-        else:
+        else:  # at the eval resolution: the pixels of the conditioning pose and the reference crop
             result = pipe(
                 prompts,
                 pose=poses,
                 num_inference_steps=settings["num_inference_steps"],
                 guidance_scale=settings["guidance_scale"],
+                height=settings["resolution"],
+                width=settings["resolution"],
                 generator=generators,
             )
         for position, (_, condition) in enumerate(chunk):
@@ -204,107 +220,31 @@ def write_png_atomically(image: PIL.Image.Image, path: Path) -> None:
     os.replace(partial, path)
 
 
-def detect_poses(conditions: list[dict], output: Path, settings: dict, name: str = "rgb") -> list[dict]:
-    """The pose annotator on each generated image ``name`` (upscaled to ``pose_resolution``), people
-    in that image's pixels."""
-    from annotators.registry import build_annotator
+def run_eval(model: str, shards: str, output: str | None, config: dict, overwrite: bool = False) -> dict:
+    """Generate, score and render; returns what ``metrics.json`` holds.
 
-    annotator = build_annotator(settings["pose_annotator"])
-    side = settings["pose_resolution"]
-    detections = []
-    for condition in conditions:
-        rgb = PIL.Image.open(sample_dir(output, condition["key"]) / f"{name}.png").convert("RGB")
-        scale = rgb.width / side
-        found = annotator([np.asarray(rgb.resize((side, side), PIL.Image.BICUBIC))])[0]
-        people = []
-        for person in found["people"]:
-            keypoints = np.asarray(person["keypoints"], dtype=np.float64)
-            keypoints[:, :2] *= scale
-            people.append(
-                {
-                    "bbox": (np.asarray(person["bbox"], dtype=np.float64) * scale).tolist(),
-                    "score": float(person.get("score", 1.0)),
-                    "keypoints": keypoints.tolist(),
-                }
-            )
-        detections.append({"width": rgb.width, "height": rgb.height, "people": people})
-    return detections
-
-
-def load_images(conditions: list[dict], output: Path, name: str) -> torch.Tensor:
-    """uint8 (N, 3, H, W) of one image kind of every sample."""
-    paths = [sample_dir(output, condition["key"]) / f"{name}.png" for condition in conditions]
-    arrays = [np.asarray(PIL.Image.open(path).convert("RGB")) for path in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def score(conditions: list[dict], output: Path, settings: dict) -> tuple[dict, list[dict | None]]:
-    """All metrics the configured weights allow, plus per-sample pose scores."""
-    from hyperhuman import metrics
-
-    results, skipped, timings = {}, {}, {}
-    started = time.perf_counter()
-    final = "refined" if settings["refiner"] else "rgb"
-    ground_truth = [condition["pose"] for condition in conditions]
-    detections = detect_poses(conditions, output, settings, final)
-    results.update(metrics.pose_metrics(ground_truth, detections))
-    per_sample = [
-        metrics.pose_sample_score(truth, found) for truth, found in zip(ground_truth, detections, strict=True)
-    ]
-    timings["pose_s"] = round(time.perf_counter() - started, 2)
-
-    if settings["inception"] or settings["clip"]:  # the feature metrics compare full image sets
-        generated = load_images(conditions, output, final)
-        reference = load_images(conditions, output, "reference")
-    if settings["inception"]:
-        started = time.perf_counter()
-        inception = metrics.InceptionFeatures(settings["inception"])
-        real, fake = inception(reference), inception(generated)
-        results["fid"] = metrics.fid_from_features(real, fake)
-        kid_mean, kid_std = metrics.kid_from_features(
-            real, fake, subsets=settings["kid_subsets"], subset_size=settings["kid_subset_size"], seed=settings["seed"]
-        )
-        results["kid_x1000"], results["kid_x1000_std"] = 1000 * kid_mean, 1000 * kid_std
-        timings["inception_s"] = round(time.perf_counter() - started, 2)
-    else:
-        for name in ("fid", "kid_x1000"):
-            results[name] = None
-            skipped[name] = "no Inception weights: pass --set inception=PATH (the pt_inception-2015-12-05 .pth file)"
-    if settings["clip"]:
-        started = time.perf_counter()
-        clip = metrics.ClipFeatures(settings["clip"])
-        prompts = [condition["caption"] for condition in conditions]
-        results["fid_clip"] = metrics.fid_clip(clip, reference, generated)
-        results["clip_score"] = metrics.clip_score(clip, generated, prompts)
-        timings["clip_s"] = round(time.perf_counter() - started, 2)
-    else:
-        for name in ("fid_clip", "clip_score"):
-            results[name] = None
-            skipped[name] = "no CLIP weights: pass --set clip=PATH (a CLIPModel folder, e.g. clip-vit-large-patch14)"
-    return {"metrics": results, "skipped": skipped, "time_s": timings}, per_sample
-
-
-def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
-    """Generate, score and render; returns what ``metrics.json`` holds."""
-    from hyperhuman.gallery import generation_gallery
+    ``overwrite``: regenerate every sample even when ``output`` holds generations made with other
+    settings (without it such a folder is refused, see :mod:`hyperhuman.eval.fingerprint`)."""
     from hyperhuman.lsdm.pipeline import HyperHumanPipeline
 
     settings = check_eval_config(config)
     started = time.perf_counter()
     path = pipeline_path(model)
+    refiner_path = pipeline_path(settings["refiner"], "hyperhuman train-sgr") if settings["refiner"] else None
     output = Path(output) if output else path.parent / "eval" if path.name == "pipeline" else path / "eval"
     pipe = HyperHumanPipeline.from_pretrained(path)
     resolution = settings["resolution"] or model_resolution(pipe)
-    if settings["refiner"]:
+    if refiner_path is not None:
         from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline, TwoStagePipeline
 
-        refiner_path = pipeline_path(settings["refiner"], "hyperhuman train-sgr")
         refiner = StructureGuidedRefinerPipeline.from_pretrained(refiner_path)
         pipe = TwoStagePipeline(pipe, refiner)
         resolution = settings["refiner_resolution"] or refiner.unet.config.sample_size * refiner.vae_scale_factor
     settings = {**settings, "resolution": resolution}
     pipe.set_progress_bar_config(disable=True)
     conditions = eval_conditions(shards, settings["num"], resolution, settings["storage_options"])
+    fingerprint = generation_fingerprint(path, refiner_path, settings)
+    prepare_output(output, fingerprint, overwrite)
 
     generation_started = time.perf_counter()
     generated = generate(pipe, conditions, output, settings)
@@ -334,7 +274,8 @@ def run_eval(model: str, shards: str, output: str | None, config: dict) -> dict:
             "generated_now": generated,
             "resolution": resolution,
             "refiner": settings["refiner"],
-            "scored_image": "refined" if settings["refiner"] else "rgb",
+            "scored_image": scored_image(settings),
+            "fingerprint": fingerprint_id(fingerprint),
             **{key: settings[key] for key in ("seed", "num_inference_steps", "guidance_scale", "pose_resolution")},
             "pose_annotator": settings["pose_annotator"],
             "generation_s": round(generation_s, 2),
