@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hyperhuman.config import load_config
-    from pipelines.annotate import AnnotateStage, Rejection
+    from pipelines.annotate import AnnotateStage, Failure, Rejection
     from pipelines.fetch import decode
     from pipelines.filters import check_filters, people_rule
     from pipelines.job import run_job
@@ -96,6 +96,8 @@ def main() -> None:
                 result = stage([f"{index:09d}"], [image["rgb"]], [""], [str(path)], select=select)[0]
                 if isinstance(result, Rejection):
                     writer.reject(f"{index:09d}", result.reason)
+                elif isinstance(result, Failure):  # an annotator raised on this image
+                    writer.reject(f"{index:09d}", result.reason, status="failed")
                 else:
                     writer.write(result)
         naive_s = time.perf_counter() - start

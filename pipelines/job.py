@@ -38,13 +38,16 @@ def _unpack(row: dict) -> dict:
 
 
 def fetch_decode(row: dict, fetch_options: dict, filters: dict, storage_options: dict | None = None) -> dict:
-    """Ray map task: a partition's rows → decoded images, or failed/rejected items with reasons."""
+    """Ray map task: a partition's rows → decoded images, or failed/rejected items with reasons.
+    Up to ``fetch.concurrency`` rows are read at once (threads); each is decoded here as its
+    bytes arrive and put at its own index, so the items are the sequential ones, in input order."""
     started = time.perf_counter()
     payload = _unpack(row)
-    items = []
-    for source_row in payload["rows"]:
+    rows = payload["rows"]
+    items = [None] * len(rows)
+    for index, data, reason in fetching.read_many(rows, fetch_options, storage_options):
+        source_row = rows[index]
         item = {key: source_row[key] for key in ("key", "source", "caption", "extra")}
-        data, reason = fetching.read_bytes(source_row, fetch_options, storage_options)
         decoded = None
         if reason is None:
             decoded, reason = fetching.decode(data)
@@ -54,20 +57,43 @@ def fetch_decode(row: dict, fetch_options: dict, filters: dict, storage_options:
             item.update(status=STATUS_REJECTED, rule=rejection[0], reason=rejection[1])
         else:
             item.update(status=None, decoded=decoded)
-        items.append(item)
+        items[index] = item
     timings = {"fetch_decode_s": time.perf_counter() - started}
     return _pack(row["partition"], {"items": items, "timings": timings})
 
 
 class AnnotatePartition:
-    """Ray actor: runs the annotators on a partition's decoded images (loaded once per actor)."""
+    """Ray actor: runs the annotators on a partition's decoded images (loaded once per actor).
 
-    def __init__(self, annotators: dict, filters: dict, batch_size: int):
+    An annotator exception costs only its image (a ``failed`` row naming the annotator). A
+    resource error (out of memory) raises ``ResourceError``, which Ray retries
+    (``actor_task_retry_on_errors``); an actor that dies (killed, out of memory) is restarted by
+    Ray and its partitions resubmitted (Ray Data's actor pool defaults: ``max_restarts=-1``,
+    ``max_task_retries=-1``). ``ledger`` (an :class:`AttemptLedger` actor) counts the attempts that
+    actually started on each partition: after ``max_retries + 1`` of them the partition's
+    remaining rows are recorded ``failed`` with a transient reason, so the job completes.
+    ``registry`` is the driver's ``annotators.registry`` entries for the configured names, so an
+    annotator registered at run time (a plugin, a test) is built in the worker too."""
+
+    def __init__(
+        self,
+        annotators: dict,
+        filters: dict,
+        batch_size: int,
+        registry: dict | None = None,
+        ledger=None,
+        max_retries: int = 0,
+    ):
+        from annotators.registry import register
         from pipelines.annotate import AnnotateStage
 
+        for name, target in (registry or {}).items():
+            register(name, target)
         self.stage = AnnotateStage(annotators)
         self.filters = filters
         self.batch_size = batch_size
+        self.ledger = ledger
+        self.max_retries = max_retries
 
     def select(self, index, pose, mask):
         from pipelines.annotate import Rejection
@@ -76,34 +102,91 @@ class AnnotatePartition:
         return None if rejection is None else Rejection(*rejection)
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.annotate import Rejection
-
         started = time.perf_counter()
         payload = _unpack(row)
         todo = [item for item in payload["items"] if item["status"] is None]
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start : start + self.batch_size]
-            results = self.stage(
-                [item["key"] for item in batch],
-                [item["decoded"]["rgb"] for item in batch],
-                [item["caption"] for item in batch],
-                [item["source"] for item in batch],
-                select=self.select,
-            )
-            for item, result in zip(batch, results, strict=True):
-                decoded = item.pop("decoded")
-                if isinstance(result, Rejection):
-                    item.update(status=STATUS_REJECTED, rule=result.rule, reason=result.reason)
-                    continue
-                if decoded["image_bytes"] is not None:
-                    result.image = decoded["image_bytes"]  # keep the source JPEG byte-exact
-                result.meta.update(
-                    source_sha256=decoded["sha256"], source_size=decoded["source_size"], extra=json.loads(item["extra"])
-                )
-                item.update(status="ok", sample=result)
+        given_up = self._given_up(int(row["partition"])) if todo and self.ledger is not None else None
+        if given_up is not None:
+            for item in todo:
+                item.pop("decoded")
+                item.update(status=STATUS_FAILED, rule="", reason=given_up)
+            todo = []
+        try:
+            for start in range(0, len(todo), self.batch_size):
+                self._annotate(todo[start : start + self.batch_size])
+        except Exception as error:
+            from pipelines.annotate import ResourceError, is_resource_error
+
+            if not is_resource_error(error):
+                raise  # a bug in our code: the job fails loudly
+            resource = error if isinstance(error, ResourceError) else ResourceError(f"{type(error).__name__}: {error}")
+            if self.ledger is not None:
+                import ray
+
+                ray.get(self.ledger.failed.remote(int(row["partition"]), f"resource error: {resource}"))
+            if resource is error:
+                raise
+            raise resource from error
         payload["annotators"] = {modality: a.provenance() for modality, a in self.stage.annotators.items()}
         payload["timings"]["annotate_s"] = time.perf_counter() - started
         return _pack(row["partition"], payload)
+
+    def _given_up(self, partition: int) -> str | None:
+        """Count this attempt; the reason to record instead when the earlier ones used up the retries."""
+        import ray
+
+        failures = ray.get(self.ledger.begin.remote(partition))
+        if len(failures) <= self.max_retries:
+            return None
+        return (
+            f"{fetching.TRANSIENT}annotating the partition failed {len(failures)} times "
+            f"(ray.annotate.max_retries={self.max_retries}); last: {failures[-1]}"
+        )
+
+    def _annotate(self, batch: list[dict]) -> None:
+        from pipelines.annotate import Failure, Rejection
+
+        results = self.stage(
+            [item["key"] for item in batch],
+            [item["decoded"]["rgb"] for item in batch],
+            [item["caption"] for item in batch],
+            [item["source"] for item in batch],
+            select=self.select,
+        )
+        for item, result in zip(batch, results, strict=True):
+            decoded = item.pop("decoded")
+            if isinstance(result, Rejection):
+                item.update(status=STATUS_REJECTED, rule=result.rule, reason=result.reason)
+                continue
+            if isinstance(result, Failure):
+                item.update(status=STATUS_FAILED, rule="", reason=result.reason)
+                continue
+            if decoded["image_bytes"] is not None:
+                result.image = decoded["image_bytes"]  # keep the source JPEG byte-exact
+            result.meta.update(
+                source_sha256=decoded["sha256"], source_size=decoded["source_size"], extra=json.loads(item["extra"])
+            )
+            item.update(status="ok", sample=result)
+
+
+class AttemptLedger:
+    """Ray actor (one per job, no CPUs): the annotate attempts started on each partition and how
+    each ended, surviving the annotate actors' deaths. An attempt counts as a death until an
+    error is recorded for it; a completed attempt is never asked about again."""
+
+    DIED = "the annotate actor died (process killed or out of memory)"
+
+    def __init__(self):
+        self.attempts: dict[int, list[str]] = {}
+
+    def begin(self, partition: int) -> list[str]:
+        """The earlier attempts' outcomes; records this one as started."""
+        earlier = list(self.attempts.get(partition, []))
+        self.attempts[partition] = [*earlier, self.DIED]
+        return earlier
+
+    def failed(self, partition: int, reason: str) -> None:
+        self.attempts[partition][-1] = reason
 
 
 def write_partition(output: str, writer_options: dict, row: dict) -> dict:
@@ -119,7 +202,8 @@ def write_partition(output: str, writer_options: dict, row: dict) -> dict:
                 writer.reject(
                     item["key"], item["reason"], status=item["status"], source=item["source"], caption=item["caption"]
                 )
-                rules[item["rule"]] += 1
+                if item["rule"]:  # an annotator's exception is a failure with no rule
+                    rules[item["rule"]] += 1
             counts[item["status"]] += 1
     payload["timings"]["write_s"] = time.perf_counter() - started
     return {
@@ -208,6 +292,7 @@ def check_job_config(config: dict) -> dict:
         if section not in config:
             raise ConfigError(f"job config lacks {section!r}; see configs/annotate/offline.yaml")
     filters = check_filters(config.get("filters", {}))
+    fetching.check_fetch(config.get("fetch"))
     annotators = config["annotators"]
     missing = [modality for modality in MODALITIES if modality not in annotators]
     unknown = set(annotators) - {modality for modality, _ in STAGES}
@@ -219,6 +304,9 @@ def check_job_config(config: dict) -> dict:
     for stage in ("fetch", "annotate", "write"):
         if stage not in config["ray"]:
             raise ConfigError(f"job config lacks ray.{stage} (resources for that stage)")
+    max_retries = config["ray"]["annotate"].get("max_retries", 2)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"ray.annotate.max_retries must be an integer >= 0, got {max_retries!r}")
     return filters
 
 
@@ -271,7 +359,7 @@ def run_job(
         )
         dataset = dataset.map(
             AnnotatePartition,
-            fn_constructor_args=(config["annotators"], filters, resources["annotate"].get("batch_size", 8)),
+            fn_constructor_kwargs=_annotate_kwargs(config["annotators"], filters, resources["annotate"], dataset),
             compute=ray.data.ActorPoolStrategy(size=resources["annotate"].get("actors", 1)),
             **_task_args(resources["annotate"]),
         )
@@ -291,6 +379,29 @@ def run_job(
     with fsspec.open(_join(output, REPORT_FILE), "w", **storage_options) as handle:
         json.dump(report, handle, indent=1, sort_keys=True)
     return report
+
+
+def _annotate_kwargs(annotators: dict, filters: dict, stage: dict, dataset) -> dict:
+    """The annotate actors' arguments: the registry entries they build from, a fresh attempt
+    ledger and the retry bound (``ray.annotate.max_retries``). Sets the dataset's context so Ray
+    retries resource errors; actor restarts and task resubmission are Ray Data's actor pool
+    defaults (``max_restarts=-1``, ``max_task_retries=-1``), bounded by the ledger."""
+    import ray
+
+    from annotators.registry import REGISTRY
+    from pipelines.annotate import ResourceError
+
+    max_retries = stage.get("max_retries", 2)  # checked by check_job_config
+    # Ray retries a task that raised ResourceError; the ledger decides when to stop.
+    dataset.context.actor_task_retry_on_errors = [ResourceError]
+    return {
+        "annotators": annotators,
+        "filters": filters,
+        "batch_size": stage.get("batch_size", 8),
+        "registry": {spec["name"]: REGISTRY[spec["name"]] for spec in annotators.values()},
+        "ledger": ray.remote(num_cpus=0)(AttemptLedger).remote(),
+        "max_retries": max_retries,
+    }
 
 
 def _task_args(stage: dict) -> dict:

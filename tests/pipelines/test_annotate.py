@@ -1,10 +1,12 @@
+import errno
 import json
 
 import numpy as np
+import pytest
 
 from hyperhuman.config import load_config
 from hyperhuman.demo import packaged_photos
-from pipelines.annotate import AnnotateStage
+from pipelines.annotate import AnnotateStage, ResourceError, is_resource_error
 from shards import ShardWriter, write_manifest
 from shards.reader import complete_shard_urls, read_shard
 from shards.validate import validate
@@ -30,3 +32,51 @@ def test_offline_default_annotators_produce_valid_shards(tmp_path):
     span = float(sample.depth.max() - sample.depth.min())
     assert np.abs(stored["depth.png"] - sample.depth).max() <= span / 65535 + 1e-6
     json.dumps(stored["json"])  # metadata is plain JSON
+
+
+def faulty_stage(monkeypatch):
+    from annotators.registry import REGISTRY
+    from tests.pipelines.faulty_annotators import TARGET
+
+    monkeypatch.setitem(REGISTRY, "faulty-caption", TARGET)
+    config = load_config("annotate/offline")["annotators"]
+    config["caption"] = {"name": "faulty-caption"}
+    return AnnotateStage(config)
+
+
+def test_a_batch_an_annotator_raises_on_is_rerun_image_by_image(monkeypatch):
+    stage = faulty_stage(monkeypatch)
+    photo = packaged_photos()["astronaut"]
+    captions = ["first", "raise", "third"]
+    results = stage(["a", "b", "c"], [photo] * 3, captions, ["s"] * 3)
+    assert [type(result).__name__ for result in results] == ["Sample", "Failure", "Sample"]
+    assert results[1].reason == "annotator 'faulty-caption' raised ValueError: this image cannot be captioned"
+    assert [results[0].key, results[2].key] == ["a", "c"] and results[2].caption == "third"
+
+
+def test_resource_errors_are_not_blamed_on_the_image(monkeypatch):
+    stage = faulty_stage(monkeypatch)
+    photo = packaged_photos()["astronaut"]
+    with pytest.raises(ResourceError, match="annotator 'faulty-caption' raised MemoryError: cannot allocate"):
+        stage(["a", "b"], [photo] * 2, ["fine", "memory"], ["s"] * 2)
+
+
+class OutOfMemoryError(RuntimeError):  # how torch names its CUDA/MPS allocation failures
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "resource"),
+    [
+        (MemoryError(), True),
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EMFILE, "Too many open files"), True),
+        (OSError(errno.ENOENT, "No such file"), False),
+        (ValueError("bad image"), False),
+        (RuntimeError("shape mismatch"), False),
+    ],
+)
+def test_is_resource_error(error, resource):
+    assert is_resource_error(error) is resource
