@@ -171,30 +171,26 @@ def generate(pipe, conditions: list[dict], output: Path, settings: dict) -> int:
         chunk = todo[start : start + settings["batch_size"]]
         generators = [torch.Generator().manual_seed(settings["seed"] + index) for index, _ in chunk]
         prompts = [condition["caption"] for _, condition in chunk]
-        poses = [condition["pose"] for _, condition in chunk]
+        # at the eval resolution: the pixels of the conditioning pose and the reference crop
+        common = {
+            "pose": [condition["pose"] for _, condition in chunk],
+            "height": settings["resolution"],
+            "width": settings["resolution"],
+            "generator": generators,
+        }
         if settings["refiner"]:  # pipe is a TwoStagePipeline: stage 1 at the LSDM's size, refined at ours
             two_stage = pipe(
                 prompts,
-                pose=poses,
                 stage1_steps=settings["num_inference_steps"],
                 stage2_steps=settings["refiner_steps"],
                 stage1_guidance_scale=settings["guidance_scale"],
                 stage2_guidance_scale=settings["refiner_guidance_scale"],
-                height=settings["resolution"],
-                width=settings["resolution"],
-                generator=generators,
+                **common,
             )
             result, refined = two_stage.stage1, two_stage.refined
-        else:  # at the eval resolution: the pixels of the conditioning pose and the reference crop
-            result = pipe(
-                prompts,
-                pose=poses,
-                num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["guidance_scale"],
-                height=settings["resolution"],
-                width=settings["resolution"],
-                generator=generators,
-            )
+        else:
+            steps, guidance = settings["num_inference_steps"], settings["guidance_scale"]
+            result = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, **common)
         for position, (_, condition) in enumerate(chunk):
             folder = sample_dir(output, condition["key"])
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,30 @@
-"""Fixtures shared by the evaluation tests: feature extractors of the real architectures with
-random weights, saved the way users' real weights are (nothing is downloaded)."""
+"""Fixtures shared by the model tests: the toy shards and VAE the training recipes read, and
+feature extractors of the real architectures with random weights, saved the way users' real
+weights are (nothing is downloaded)."""
 
 import pytest
 import torch
+
+
+def write_toy_shards(root, count: int, per_shard: int):
+    """``count`` synthetic samples (24×32, one or two people) in shards of ``per_shard``."""
+    from shards.testing import make_sample
+    from shards.writer import ShardWriter
+
+    with ShardWriter(str(root), 0, max_samples=per_shard) as writer:
+        for index in range(count):
+            writer.write(make_sample(f"s{index}", height=24, width=32, seed=index, people=1 + index % 2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """The toy VAE (``hyperhuman.lsdm.testing.tiny_vae``) saved as a ``vae/`` folder."""
+    from hyperhuman.lsdm.testing import tiny_vae
+
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    tiny_vae().save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

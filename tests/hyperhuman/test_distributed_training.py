@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
-from shards.testing import make_sample
-from shards.writer import ShardWriter
+from hyperhuman.lsdm.testing import TINY_UNET
+
+from .conftest import write_toy_shards
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +29,7 @@ PROCESSES = 2
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Four shards of two samples: each process reads two of them (``split_by_node``)."""
-    root = tmp_path_factory.mktemp("ddp-shards")
-    with ShardWriter(str(root), 0, max_samples=2) as writer:
-        for index in range(8):
-            writer.write(make_sample(f"s{index}", height=24, width=32, seed=index, people=1 + index % 2))
-    return root
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddp-vae") / "vae"
-    tiny_vae().save_pretrained(path)
-    return path
+    return write_toy_shards(tmp_path_factory.mktemp("ddp-shards"), count=8, per_shard=2)
 
 
 def base_config(output, shards, vae_dir) -> dict:

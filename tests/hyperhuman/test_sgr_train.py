@@ -7,29 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hyperhuman.lsdm.testing import TINY_UNET, tiny_vae
+from hyperhuman.lsdm.testing import TINY_UNET
 from hyperhuman.sgr.model import StructureGuidedRefiner
 from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline
 from hyperhuman.sgr.train import train_sgr
 from hyperhuman.skeleton import RENDERER_VERSION
 from shards.testing import make_sample
-from shards.writer import ShardWriter
+
+from .conftest import write_toy_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sgr-shards")
-    with ShardWriter(str(root), 0, max_samples=3) as writer:
-        for index in range(6):
-            writer.write(make_sample(f"s{index}", height=24, width=32, seed=index, people=1 + index % 2))
-    return root
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    tiny_vae().save_pretrained(path)
-    return path
+    return write_toy_shards(tmp_path_factory.mktemp("sgr-shards"), count=6, per_shard=3)
 
 
 def config_for(output, shards, vae_dir, **train):
