@@ -95,7 +95,7 @@ def main() -> None:
                 image = decode(path.read_bytes())[0]
                 result = stage([f"{index:09d}"], [image["rgb"]], [""], [str(path)], select=select)[0]
                 if isinstance(result, Rejection):
-                    writer.reject(f"{index:09d}", result.reason)
+                    writer.reject(f"{index:09d}", result.reason, rule=result.rule)
                 elif isinstance(result, Failure):  # an annotator raised on this image
                     writer.reject(f"{index:09d}", result.reason, status="failed")
                 else:

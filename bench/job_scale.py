@@ -18,7 +18,16 @@ retries=2, backoff_s=0.5: a hanging URL costs 2 + 0.5 + 2 + 1 + 2 = 7.5 s. Side 
 The items of (b) on the baseline's URLs are checked to equal the baseline's (status, reason,
 image digest, in order).
 
-plan — URL-list planning at 10^5..10^7 rows: to be added here as its own section.
+plan — the driver never holds the inputs. Synthetic URL lists of 10^5, 10^6 and 10^7 rows
+(url, caption, and two extra columns, like LAION's), as parquet (10 files, row groups of 100k
+rows) and as one csv, made once under ~/.cache/hyperhuman/bench/job_scale (~3 GB). Each is planned
+in a fresh process, and that process's peak RSS (``ru_maxrss``) is the driver's memory:
+(a) today's listing: the previous ``pipelines.sources.url_list_rows`` (pandas of every file,
+    then one row dict per input on the driver, as ``from_items`` needed);
+(b) ``hyperhuman annotate SOURCE OUT --plan-only``: parquet footers on the driver, csv chunks
+    counted in Ray tasks (``ray.init`` included in the process; Ray's own processes are not
+    the driver). Planning seconds exclude starting Ray.
+Goal: (b) flat in the number of rows (within 1.5x from 10^5 to 10^7) and under 1 GiB at 10^7.
 """
 
 from __future__ import annotations
@@ -27,7 +36,12 @@ import argparse
 import io
 import json
 import multiprocessing
+import os
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,13 +111,14 @@ def today_fetch_decode(rows: list[dict], fetch_options: dict, filters: dict) -> 
     return items
 
 
-def new_fetch_decode(rows: list[dict], fetch_options: dict, filters: dict, partition_size: int, tasks: int):
-    """``pipelines.job.fetch_decode`` on the rows as the job partitions them, ``tasks`` at once."""
+def new_fetch_decode(url_list: str, fetch_options: dict, filters: dict, partition_size: int, tasks: int):
+    """``pipelines.job.fetch_decode`` on the list's partitions as the job plans them, ``tasks`` at once."""
     from pipelines.job import _pack, _unpack, fetch_decode
-    from pipelines.sources import partition_inputs
+    from pipelines.sources import plan_source
 
-    def run(partition):
-        items = _unpack(fetch_decode(_pack(partition["partition"], partition), fetch_options, filters))["items"]
+    def run(descriptor):
+        packed = _pack(descriptor["partition"], descriptor)
+        items = _unpack(fetch_decode(packed, fetch_options, filters))["items"]
         return [
             {
                 "key": item["key"],
@@ -115,7 +130,8 @@ def new_fetch_decode(rows: list[dict], fetch_options: dict, filters: dict, parti
         ]
 
     with ThreadPoolExecutor(tasks) as pool:
-        return [item for items in pool.map(run, partition_inputs(rows, partition_size)) for item in items]
+        descriptors = plan_source(url_list, {}, partition_size).descriptors()
+        return [item for items in pool.map(run, descriptors) for item in items]
 
 
 def bench_fetch(args) -> dict:
@@ -123,7 +139,7 @@ def bench_fetch(args) -> dict:
 
     from hyperhuman.demo import packaged_photos
     from pipelines.filters import check_filters
-    from pipelines.sources import _row, partition_inputs
+    from pipelines.sources import plan_source, read_partition
 
     buffer = io.BytesIO()
     Image.fromarray(packaged_photos()["astronaut"]).save(buffer, format="JPEG", quality=90)
@@ -134,7 +150,10 @@ def bench_fetch(args) -> dict:
     server.start()
     try:
         base = f"http://127.0.0.1:{ports.get(timeout=60)}"
-        rows = partition_inputs([_row("url", f"{base}/img/{i}.jpg") for i in range(args.urls)], args.urls)[0]["rows"]
+        url_list = Path(tempfile.mkdtemp()) / "urls.csv"
+        url_list.write_text("url\n" + "".join(f"{base}/img/{i}.jpg\n" for i in range(args.urls)))
+        plan = plan_source(str(url_list), {}, args.urls)
+        rows = read_partition(plan.descriptor(0), {})
         filters = check_filters(FILTERS)
         hang_cost = FETCH["timeout_s"] * (FETCH["retries"] + 1) + sum(
             FETCH["backoff_s"] * 2**attempt for attempt in range(FETCH["retries"])
@@ -153,7 +172,8 @@ def bench_fetch(args) -> dict:
             if concurrency is None:
                 items = today_fetch_decode(subset, FETCH, filters)
             else:
-                items = new_fetch_decode(subset, {**FETCH, "concurrency": concurrency}, filters, partition_size, tasks)
+                options = {**FETCH, "concurrency": concurrency}
+                items = new_fetch_decode(str(url_list), options, filters, partition_size, tasks)
             wall_s = time.perf_counter() - started
             outputs[name] = items
             images = sum(item["status"] is None for item in items)
@@ -215,7 +235,151 @@ def bench_fetch(args) -> dict:
     }
 
 
-SECTIONS = {"fetch": bench_fetch}  # "plan": URL-list planning at 10^5..10^7 rows (to come)
+# ---------------------------------------------------------------------------------------------
+# plan
+
+CACHE = Path(os.environ.get("HYPERHUMAN_CACHE", Path.home() / ".cache" / "hyperhuman")) / "bench" / "job_scale"
+PLAN_SIZES = (10**5, 10**6, 10**7)
+PARQUET_FILES = 10
+ROW_GROUP = 100_000
+
+
+def url_table(start: int, stop: int):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index = pa.array(range(start, stop), pa.int64())
+    text = pc.cast(index, pa.string())
+    return pa.table(
+        {
+            "url": pc.binary_join_element_wise("https://images.example.invalid/", text, ".jpg", ""),
+            "caption": pc.binary_join_element_wise("a photo of person number ", text, ""),
+            "width": pc.add(pc.bit_wise_and(index, 1023), 256),
+            "similarity": pc.divide(pc.cast(pc.bit_wise_and(index, 255), pa.float64()), 255.0),
+        }
+    )
+
+
+def synthetic_lists(rows: int) -> dict[str, Path]:
+    """``{"parquet": folder of PARQUET_FILES files, "csv": one file}`` with ``rows`` rows, made once."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    folder = CACHE / f"rows-{rows}"
+    parquet, csv = folder / "parquet", folder / "urls.csv"
+    if not (folder / "done").exists():
+        parquet.mkdir(parents=True, exist_ok=True)
+        per_file = rows // PARQUET_FILES
+        with pacsv.CSVWriter(csv, url_table(0, 1).schema) as writer:
+            for index in range(PARQUET_FILES):
+                for start in range(index * per_file, (index + 1) * per_file, 1_000_000):
+                    table = url_table(start, min(start + 1_000_000, (index + 1) * per_file))
+                    writer.write_table(table)
+                pq.write_table(
+                    url_table(index * per_file, (index + 1) * per_file), parquet / f"part-{index:03d}.parquet",
+                    row_group_size=ROW_GROUP,
+                )  # fmt: skip
+        (folder / "done").write_text("ok")
+    return {"parquet": parquet, "csv": csv}
+
+
+def today_listing(source: Path) -> int:
+    """The previous sources.url_list_rows on every file: pandas, then a row dict per input."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(source.glob("*.parquet")) if source.is_dir() else [source]:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+        extra_columns = [c for c in table.columns if c not in ("url", "caption")]
+        for record in table.to_dict("records"):
+            extra = {column: record[column] for column in extra_columns}
+            row = {"kind": "url", "source": str(record["url"]), "caption": str(record["caption"]), "key": None}
+            rows.append({**row, "data": None, "extra": json.dumps(extra, sort_keys=True, default=str)})
+    return len(rows)
+
+
+def measure_plan(method: str, source: str) -> dict:
+    """Runs in a fresh process: plan ``source`` one way; the process's peak RSS and seconds."""
+    started = time.perf_counter()
+    if method == "today":
+        inputs, ray_s = today_listing(Path(source)), 0.0
+    else:
+        import ray
+
+        from hyperhuman.config import load_config
+        from pipelines.job import run_job
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.get([ray.remote(num_cpus=0.5)(abs).remote(-1) for _ in range(4)])  # workers up, as on a live cluster
+        ray_s = time.perf_counter() - started
+        output = tempfile.mkdtemp()
+        inputs = run_job(source, output, load_config("annotate/offline"), plan_only=True)["inputs"]
+    return {
+        "inputs": inputs,
+        "plan_s": time.perf_counter() - started - ray_s,
+        "ray_init_s": ray_s,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench_plan(args) -> dict:
+    table = []
+    for rows in args.plan_rows:
+        lists = synthetic_lists(rows)
+        for kind, source in lists.items():
+            for method in ("today", "plan-only"):
+                print(f"job_scale plan: {method} on {rows:,} rows of {kind} ...", flush=True)
+                command = [sys.executable, __file__, "--measure-plan", method, str(source)]
+                done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{command} failed:\n{done.stderr[-3000:]}")
+                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                assert measured["inputs"] == rows, measured
+                table.append({"rows": rows, "format": kind, "method": method, **measured})
+    by = {(r["rows"], r["format"], r["method"]): r for r in table}
+    header = ("rows", "format", "today RSS MiB", "plan-only RSS MiB", "ratio", "today s", "plan-only s")
+    print("{:>10} {:8} {:>14} {:>18} {:>6} {:>8} {:>12}".format(*header))
+    for rows in args.plan_rows:
+        for kind in ("parquet", "csv"):
+            today, new = by[(rows, kind, "today")], by[(rows, kind, "plan-only")]
+            ratio = today["rss_mib"] / new["rss_mib"]
+            print(
+                f"{rows:>10,} {kind:8} {today['rss_mib']:14.0f} {new['rss_mib']:18.0f} {ratio:5.1f}x "
+                f"{today['plan_s']:8.1f} {new['plan_s']:12.1f}"
+            )
+
+    def column(kind, method, field):
+        return {str(rows): round(by[(rows, kind, method)][field], 2) for rows in args.plan_rows}
+
+    new_rss = column("parquet", "plan-only", "rss_mib")
+    smallest, largest = min(args.plan_rows), max(args.plan_rows)
+    growth = max(
+        by[(largest, kind, "plan-only")]["rss_mib"] / by[(smallest, kind, "plan-only")]["rss_mib"]
+        for kind in ("parquet", "csv")
+    )
+    print(f"plan-only driver RSS growth from {smallest:,} to {largest:,} rows: {growth:.2f}x")
+    return {
+        "summary": {
+            "driver_rss_mib": new_rss,
+            "driver_rss_mib_csv": column("csv", "plan-only", "rss_mib"),
+            "plan_s": column("parquet", "plan-only", "plan_s"),
+            "plan_s_csv": column("csv", "plan-only", "plan_s"),
+            "baseline_driver_rss_mib": column("parquet", "today", "rss_mib"),
+            "baseline_driver_rss_mib_csv": column("csv", "today", "rss_mib"),
+            "baseline_plan_s": column("parquet", "today", "plan_s"),
+            "driver_rss_growth": round(growth, 3),
+        },
+        "settings": {
+            "parquet_files": PARQUET_FILES,
+            "row_group": ROW_GROUP,
+            "columns": ["url", "caption", "width", "similarity"],
+            "cache": str(CACHE),
+        },  # fmt: skip
+        "runs": table,
+    }
+
+
+SECTIONS = {"fetch": bench_fetch, "plan": bench_plan}
 
 
 def main() -> None:
@@ -224,8 +388,14 @@ def main() -> None:
     parser.add_argument("--urls", type=int, default=2000)
     parser.add_argument("--baseline-urls", type=int, default=300)
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--plan-rows", type=int, nargs="+", default=list(PLAN_SIZES))
+    parser.add_argument("--measure-plan", nargs=2, metavar=("METHOD", "SOURCE"), help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
+    if args.measure_plan:  # a child process of bench_plan
+        sys.path.insert(0, str(REPO))
+        print(json.dumps(measure_plan(*args.measure_plan)))
+        return
 
     output = Path(args.output)
     result = json.loads(output.read_text()) if output.is_file() else {}  # keep the sections not rerun

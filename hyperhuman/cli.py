@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hyperhuman.config import ConfigError, check_known_keys, load_config
@@ -102,8 +103,11 @@ def _annotate(args: argparse.Namespace) -> int:
         address=args.address,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
+        plan_only=args.plan_only,
         show_progress=True,
     )
+    if args.plan_only:
+        return 0
     counts = report["counts"]
     print(f"[annotate] {args.output}: {report['samples']} samples in {report['shards']} shard(s); rows {counts}")
     for rule, count in sorted(report["rejections_per_rule_this_run"].items()):
@@ -223,8 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     annotate.add_argument("output", help="output dataset root (any fsspec URL)")
     annotate.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    annotate.add_argument("--overwrite", action="store_true", help="rewrite every shard, even with changed settings")
+    annotate.add_argument(
+        "--overwrite", action="store_true",
+        help="rewrite every partition, even with changed settings or a changed source listing",
+    )  # fmt: skip
     annotate.add_argument("--retry-failed", action="store_true", help="redo partitions with transient failures")
+    annotate.add_argument(
+        "--plan-only", action="store_true",
+        help="plan the partitions from the source's metadata, write OUTPUT/plan.json and stop (fetches nothing)",
+    )  # fmt: skip
     _add_config_options(annotate, "annotate/offline")
     annotate.set_defaults(func=_annotate)
 
@@ -290,18 +301,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Exit status: 0 done; 1 a configuration or run-time problem the message explains (a bad key or
-# value, missing data, weights or files); 2 a usage error (argparse's own). Anything else is a bug
-# and keeps its traceback.
-EXIT_ERROR, EXIT_USAGE = 1, 2
+# value, malformed YAML, missing data, weights or files, a path that is a file where a folder is
+# needed or the other way round, no permission); 2 a usage error (argparse's own); 130 interrupted
+# by Ctrl-C (128 + SIGINT, as a shell reports it); 141 stdout closed before we finished writing
+# (`hyperhuman shards inspect --json DATA | head`: 128 + SIGPIPE, what coreutils report). Anything
+# else is a bug and keeps its traceback.
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+EXPLAINED_ERRORS = (
+    ConfigError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+# What a rerun after Ctrl-C does, for the commands that keep their completed work.
+RESUME_HINTS = {
+    "annotate": "rerun the same command to resume (completed work is kept)",
+    "eval": "rerun the same command to resume (completed work is kept)",
+    "demo": "rerun the same command to resume (completed work is kept)",
+    "train-lsdm": "rerun it with --resume latest to continue from the last checkpoint",
+    "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
+}
+
+
+def _describe(error: Exception) -> str:
+    """One line: an OS error as "Permission denied: PATH", ours as its message."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{error.strerror}: {paths}"
+    return " ".join(str(error).splitlines())
+
+
+def _silence_stdout() -> None:
+    """After the reader of our stdout went away (``| head``): point stdout at /dev/null, so the
+    interpreter's final flush of what is still buffered does not fail again and print "Exception
+    ignored" (the recipe of the Python docs, "Note on SIGPIPE" in the signal module)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit with 2 here
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"hyperhuman {args.command}: error: {exc}", file=sys.stderr)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's flush at exit
+        return status
+    except EXPLAINED_ERRORS as error:
+        print(f"hyperhuman {args.command}: error: {_describe(error)}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        hint = RESUME_HINTS.get(args.command)
+        print(f"hyperhuman {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -48,6 +48,29 @@ def config_path(name_or_path: str) -> Path:
     return CONFIG_DIR / f"{name_or_path}.yaml"
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """yaml's complaint on one line, with the line and column it points at (1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:  # e.g. a ReaderError (a byte that is no text)
+        return " ".join(str(error).split())
+    where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark:  # e.g. the line where the unclosed bracket opened
+        return f"{where} ({context} from line {context_mark.line + 1})"
+    return f"{where} ({context})" if context else where
+
+
+def _parse_override(override: str, raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML: {_yaml_problem(error)}; "
+            "close its brackets and quotes, or quote it as a string"
+        ) from error
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     config = copy.deepcopy(config)
     for override in overrides:
@@ -63,7 +86,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
                     f"override {override!r}: no key {'.'.join(parts[: depth + 1])!r} in the config; known here: {known}"
                 )
             if depth == len(parts) - 1:
-                node[part] = yaml.safe_load(raw)
+                node[part] = _parse_override(override, raw)
             else:
                 node = node[part]
     return config
@@ -75,8 +98,12 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
         raise ConfigError(
             f"config file {path} does not exist; pass --config PATH to a YAML file or one of {available_configs()}"
         )
-    with open(path) as handle:
-        config = yaml.safe_load(handle) or {}
+    # Bytes, so yaml itself decodes them and reports a non-UTF-8 file as a YAMLError with its position.
+    with open(path, "rb") as handle:
+        try:
+            config = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}; fix it there") from error
     if not isinstance(config, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return apply_overrides(config, overrides or [])

@@ -1,10 +1,12 @@
 """The annotation job: sources → fetch/decode/filter → annotators → HumanVerse shards, on Ray Data.
 
-One dataset row is one input *partition* (``partition_size`` inputs), and a partition is the
-unit of exactly-once: it is fetched and decoded by a task, annotated by an actor of a pool
-(models load once per actor), and written by :class:`HumanVerseDatasink` through
-:class:`shards.ShardWriter` — temp files, renames, stats marker last. A rerun skips partitions
-whose final stats marker exists, so a killed job resumes without losing or duplicating a key.
+The driver plans the source from metadata (:func:`pipelines.sources.plan_source`); one dataset
+row is one input *partition*'s small descriptor, and a partition is the unit of exactly-once: its
+task reads and decodes its own inputs, an actor of a pool annotates them (models load once per
+actor), and :class:`HumanVerseDatasink` writes them through :class:`shards.ShardWriter`, which
+commits the partition with one atomic record (:mod:`shards.commit`). The job holds the output's
+lock (:mod:`pipelines.lock`) while it runs; a rerun skips partitions committed by the same job
+(same settings, same listing), so a killed job resumes without losing or duplicating a key.
 Rows travel between stages as one pickled payload, so samples with arrays never need an
 Arrow schema.
 """
@@ -21,12 +23,24 @@ import fsspec
 from hyperhuman.config import ConfigError
 from pipelines import fetch as fetching
 from pipelines.filters import check_filters, image_rule, people_rule
+from pipelines.lock import OutputLock
+from pipelines.output import (
+    check_job_file,
+    complete_partitions,
+    fingerprint,
+    job_settings,
+    partitions_with_transient_failures,
+    remove_partitions_beyond,
+)
 from pipelines.progress import ProgressBar
-from pipelines.sources import list_inputs, partition_inputs
-from shards.writer import STATS_SUFFIX, STATUS_FAILED, STATUS_REJECTED, ShardWriter, _join, write_manifest
+from pipelines.settings import check_annotate_settings, check_output
+from pipelines.sources import Plan, plan_source, read_partition
+from shards.commit import join, remove_leftovers, write_json_atomic
+from shards.writer import STATUS_FAILED, STATUS_REJECTED, ShardWriter, write_manifest
 
-JOB_FILE = "job.json"
+PLAN_FILE = "plan.json"
 REPORT_FILE = "report.json"
+REJECTING_RULES = {"caption"}  # source problems that are the input's content: rejected, not failed
 
 
 def _pack(partition: int, payload: dict) -> dict:
@@ -37,29 +51,40 @@ def _unpack(row: dict) -> dict:
     return pickle.loads(row["payload"])
 
 
-def fetch_decode(row: dict, fetch_options: dict, filters: dict, storage_options: dict | None = None) -> dict:
-    """Ray map task: a partition's rows → decoded images, or failed/rejected items with reasons.
-    Up to ``fetch.concurrency`` rows are read at once (threads); each is decoded here as its
-    bytes arrive and put at its own index, so the items are the sequential ones, in input order."""
+def fetch_decode(row: dict, fetch_options: dict, filters: dict, source_options: dict | None = None) -> dict:
+    """Ray map task: a partition's descriptor → its rows (read here, not on the driver) →
+    :func:`fetch_rows`."""
     started = time.perf_counter()
-    payload = _unpack(row)
-    rows = payload["rows"]
-    items = [None] * len(rows)
-    for index, data, reason in fetching.read_many(rows, fetch_options, storage_options):
-        source_row = rows[index]
-        item = {key: source_row[key] for key in ("key", "source", "caption", "extra")}
-        decoded = None
+    source_options = source_options or {}
+    rows = read_partition(_unpack(row), source_options)
+    items = fetch_rows(rows, fetch_options, filters, source_options.get("storage_options") or {})
+    return _pack(row["partition"], {"items": items, "timings": {"fetch_decode_s": time.perf_counter() - started}})
+
+
+def fetch_rows(rows: list[dict], fetch_options: dict, filters: dict, storage_options: dict | None = None) -> list:
+    """Source rows → decoded images, or failed/rejected items with their rule and reason. Up to
+    ``fetch.concurrency`` rows are read at once (threads); each is decoded as its bytes arrive and
+    put at its own index, so the items are the sequential ones, in input order."""
+    items = [{key: source_row[key] for key in ("key", "source", "caption", "extra")} for source_row in rows]
+    for item, source_row in zip(items, rows, strict=True):
+        if (problem := source_row.get("problem")) is not None:
+            status = STATUS_REJECTED if problem[0] in REJECTING_RULES else STATUS_FAILED
+            item.update(status=status, rule=problem[0], reason=problem[1])
+    todo = [index for index, item in enumerate(items) if "status" not in item]
+    for index, data, reason in fetching.read_many([rows[i] for i in todo], fetch_options, storage_options):
+        item = items[todo[index]]
+        decoded, rule = None, "fetch"
         if reason is None:
             decoded, reason = fetching.decode(data)
+            rule = "decode"
         if reason is not None:
-            item.update(status=STATUS_FAILED, rule="fetch_decode", reason=reason)
+            rule = "transient" if reason.startswith(fetching.TRANSIENT) else rule
+            item.update(status=STATUS_FAILED, rule=rule, reason=reason)
         elif (rejection := image_rule(decoded["rgb"], filters)) is not None:
             item.update(status=STATUS_REJECTED, rule=rejection[0], reason=rejection[1])
         else:
             item.update(status=None, decoded=decoded)
-        items[index] = item
-    timings = {"fetch_decode_s": time.perf_counter() - started}
-    return _pack(row["partition"], {"items": items, "timings": timings})
+    return items
 
 
 class AnnotatePartition:
@@ -189,19 +214,20 @@ class AttemptLedger:
         self.attempts[partition][-1] = reason
 
 
-def write_partition(output: str, writer_options: dict, row: dict) -> dict:
-    """Write one partition's samples and rejected/failed rows, in input order."""
+def write_partition(output: str, writer_options: dict, row: dict, job: str = "") -> dict:
+    """Write and commit one partition's samples and rejected/failed rows, in input order."""
     started = time.perf_counter()
     payload = _unpack(row)
     counts, rules = Counter(), Counter()
-    with ShardWriter(output, int(row["partition"]), **writer_options) as writer:
+    with ShardWriter(output, int(row["partition"]), job=job, **writer_options) as writer:
         for item in payload["items"]:
             if item["status"] == "ok":
                 writer.write(item["sample"])
             else:
                 writer.reject(
-                    item["key"], item["reason"], status=item["status"], source=item["source"], caption=item["caption"]
-                )
+                    item["key"], item["reason"], status=item["status"], rule=item["rule"], source=item["source"],
+                    caption=item["caption"],
+                )  # fmt: skip
                 if item["rule"]:  # an annotator's exception is a failure with no rule
                     rules[item["rule"]] += 1
             counts[item["status"]] += 1
@@ -215,9 +241,9 @@ def write_partition(output: str, writer_options: dict, row: dict) -> dict:
     }
 
 
-def make_datasink(output: str, writer_options: dict):
+def make_datasink(output: str, writer_options: dict, job: str = ""):
     """A Ray ``Datasink`` writing each partition row through ShardWriter (exactly once per
-    partition: temp + rename, stats last); the manifest is rebuilt when all writes are done."""
+    partition: new parts, then the commit record); the manifest is rebuilt when all are done."""
     from ray.data import Datasink
 
     class HumanVerseDatasink(Datasink):
@@ -225,7 +251,7 @@ def make_datasink(output: str, writer_options: dict):
             self.results: list[dict] = []
 
         def write(self, blocks, ctx) -> list[dict]:
-            return [write_partition(output, writer_options, row) for block in blocks for row in _rows(block)]
+            return [write_partition(output, writer_options, row, job) for block in blocks for row in _rows(block)]
 
         def on_write_complete(self, write_result) -> None:
             self.results = [result for returns in write_result.write_returns for result in returns]
@@ -240,74 +266,11 @@ def _rows(block):
     return BlockAccessor.for_block(block).iter_rows(public_row_format=False)
 
 
-def complete_partitions(output: str, storage_options: dict) -> set[int]:
-    """Partitions whose last shard's stats marker (``final``) exists."""
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    done = set()
-    for path in fs.glob(_join(root, "*" + STATS_SUFFIX)):
-        with fs.open(path, "r") as handle:
-            stats = json.load(handle)
-        if stats.get("final"):
-            done.add(int(stats["partition"]))
-    return done
-
-
-def partitions_with_transient_failures(output: str, storage_options: dict) -> set[int]:
-    import pyarrow.parquet as pq
-
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    retry = set()
-    for path in fs.glob(_join(root, "*.parquet")):
-        with fs.open(path, "rb") as handle:
-            rows = pq.read_table(handle, columns=["status", "reason"], use_threads=False).to_pylist()
-        if any(r["status"] == STATUS_FAILED and (r["reason"] or "").startswith(fetching.TRANSIENT) for r in rows):
-            retry.add(int(path.rsplit("/", 1)[-1][:6]))
-    return retry
-
-
-def check_job_file(output: str, job: dict, overwrite: bool, storage_options: dict) -> None:
-    """Refuse to mix shards made with different settings in one output, unless --overwrite."""
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    fs.makedirs(root, exist_ok=True)
-    path = _join(root, JOB_FILE)
-    if fs.exists(path) and not overwrite:
-        with fs.open(path, "r") as handle:
-            previous = json.load(handle)
-        if previous != job:
-            changed = sorted(key for key in set(previous) | set(job) if previous.get(key) != job.get(key))
-            raise ConfigError(
-                f"{output} was written by a job with different settings (changed: {changed}); "
-                "rerun with the same config to resume, use another output, or pass --overwrite to rewrite it"
-            )
-    with fs.open(path, "w") as handle:
-        json.dump(job, handle, indent=1, sort_keys=True)
-
-
 def check_job_config(config: dict) -> dict:
-    """Fail at start, not an hour in: every section present, filters and annotator names known."""
-    from annotators.registry import REGISTRY
-    from pipelines.annotate import MODALITIES, STAGES
-
-    for section in ("partition_size", "annotators", "ray"):
-        if section not in config:
-            raise ConfigError(f"job config lacks {section!r}; see configs/annotate/offline.yaml")
-    filters = check_filters(config.get("filters", {}))
-    fetching.check_fetch(config.get("fetch"))
-    annotators = config["annotators"]
-    missing = [modality for modality in MODALITIES if modality not in annotators]
-    unknown = set(annotators) - {modality for modality, _ in STAGES}
-    if missing or unknown:
-        raise ConfigError(f"annotators: missing modalities {missing}, unknown {sorted(unknown)}")
-    for modality, annotator in annotators.items():
-        if annotator.get("name") not in REGISTRY:
-            raise ConfigError(f"annotators.{modality}.name {annotator.get('name')!r} is not one of {sorted(REGISTRY)}")
-    for stage in ("fetch", "annotate", "write"):
-        if stage not in config["ray"]:
-            raise ConfigError(f"job config lacks ray.{stage} (resources for that stage)")
-    max_retries = config["ray"]["annotate"].get("max_retries", 2)
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"ray.annotate.max_retries must be an integer >= 0, got {max_retries!r}")
-    return filters
+    """Fail at start, not an hour in (and before anything is written): every key known and of
+    its type, annotator names registered. Returns the filters with their defaults."""
+    check_annotate_settings(config)
+    return check_filters(config.get("filters", {}))
 
 
 def run_job(
@@ -318,67 +281,118 @@ def run_job(
     address: str | None = None,
     overwrite=False,
     retry_failed=False,
+    plan_only=False,
     show_progress=False,
 ) -> dict:
-    import ray
+    """Plan ``source``, then annotate and commit every partition of it not yet committed by this
+    job into ``output``; returns the report (``plan.json``'s content with ``plan_only``)."""
 
     filters = check_job_config(config)
-    job = {
-        "source": source,
-        "annotators": config["annotators"],
-        "filters": filters,
-        "partition_size": config["partition_size"],
-    }
-    started = time.perf_counter()
-    rows = list_inputs(source, config.get("source", {}))
-    partitions = partition_inputs(rows, config["partition_size"])
     storage_options = config.get("writer", {}).get("storage_options") or {}
-    check_job_file(output, job, overwrite, storage_options)
-    done = set() if overwrite else complete_partitions(output, storage_options)
-    if retry_failed:
-        done -= partitions_with_transient_failures(output, storage_options)
-    todo = [p for p in partitions if p["partition"] not in done]
+    check_output(output, storage_options)
+    started = time.perf_counter()
+    _init_ray(address)
+    plan = plan_source(source, config.get("source", {}), config["partition_size"], run_tasks=_ray_tasks)
     listing_s = time.perf_counter() - started
-    already = len(done & {p["partition"] for p in partitions})
-    print(f"[annotate] {len(rows)} inputs in {len(partitions)} partitions: {already} complete, {len(todo)} to do")
+    if plan_only:
+        summary = {**plan.summary(), "plan_s": round(listing_s, 3)}
+        fs, root = fsspec.core.url_to_fs(output, **storage_options)
+        write_json_atomic(fs, join(root, PLAN_FILE), summary)
+        print(f"[annotate] planned {plan.inputs} inputs in {plan.partitions} partitions; plan in {output}/{PLAN_FILE}")
+        return summary
 
-    results = []
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        resources = config["ray"]
-        dataset = ray.data.from_items([_pack(p["partition"], p) for p in todo], override_num_blocks=len(todo))
-        dataset = dataset.map(
-            fetch_decode,
-            fn_kwargs={
-                "fetch_options": config.get("fetch", {}),
-                "filters": filters,
-                "storage_options": config.get("source", {}).get("storage_options") or {},
-            },
-            **_task_args(resources["fetch"]),
-        )
-        dataset = dataset.map(
-            AnnotatePartition,
-            fn_constructor_kwargs=_annotate_kwargs(config["annotators"], filters, resources["annotate"], dataset),
-            compute=ray.data.ActorPoolStrategy(size=resources["annotate"].get("actors", 1)),
-            **_task_args(resources["annotate"]),
-        )
-        sink = make_datasink(output, config.get("writer", {}))
-        progress = ProgressBar(output, sum(len(p["rows"]) for p in todo), storage_options) if show_progress else None
-        if progress:
-            ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts written rows
-            progress.start()
-        try:
-            dataset.write_datasink(sink, ray_remote_args={"num_cpus": resources["write"].get("num_cpus", 0.25)})
-        finally:
-            if progress:
-                progress.stop()
-        results = sink.results
-    manifest = write_manifest(output, storage_options)
-    report = build_report(output, manifest, results, time.perf_counter() - started, listing_s)
-    with fsspec.open(_join(output, REPORT_FILE), "w", **storage_options) as handle:
-        json.dump(report, handle, indent=1, sort_keys=True)
+    job = job_settings(source, config, filters, plan)
+    job_id = fingerprint(job)
+    with OutputLock(output, storage_options):
+        check_job_file(output, job, overwrite, storage_options)
+        fs, root = fsspec.core.url_to_fs(output, **storage_options)
+        if removed := remove_leftovers(fs, root):
+            print(f"[annotate] removed {len(removed)} file(s) an interrupted write left (e.g. {removed[0]})")
+        if overwrite and (dropped := remove_partitions_beyond(output, storage_options, plan.partitions)):
+            print(f"[annotate] --overwrite: removed {len(dropped)} partition(s) the new plan does not produce")
+        done = set() if overwrite else complete_partitions(output, storage_options, job_id)
+        if retry_failed:
+            done -= partitions_with_transient_failures(output, storage_options)
+        todo = [partition for partition in range(plan.partitions) if partition not in done]
+        already = plan.partitions - len(todo)
+        print(f"[annotate] {plan.inputs} inputs in {plan.partitions} partitions: {already} complete, {len(todo)} to do")
+
+        results = []
+        if todo:
+            results = _annotate_and_write(plan, todo, output, config, filters, job_id, show_progress)
+        remove_leftovers(fs, root)  # what killed attempts of this run left: no writer runs now
+        manifest = write_manifest(output, storage_options)
+        report = build_report(output, manifest, results, time.perf_counter() - started, listing_s)
+        write_json_atomic(fs, join(root, REPORT_FILE), report)
     return report
+
+
+def _annotate_and_write(plan: Plan, todo: list[int], output, config, filters, job_id, show_progress) -> list[dict]:
+    import ray
+
+    resources = config["ray"]
+    storage_options = config.get("writer", {}).get("storage_options") or {}
+    items = [_pack(partition, plan.descriptor(partition)) for partition in todo]
+    dataset = ray.data.from_items(items, override_num_blocks=len(todo))
+    del items
+    dataset = dataset.map(
+        fetch_decode,
+        fn_kwargs={"fetch_options": config.get("fetch", {}), "filters": filters,
+                   "source_options": config.get("source", {})},
+        **_task_args(resources["fetch"]),
+    )  # fmt: skip
+    dataset = dataset.map(
+        AnnotatePartition,
+        fn_constructor_kwargs=_annotate_kwargs(config["annotators"], filters, resources["annotate"], dataset),
+        compute=ray.data.ActorPoolStrategy(size=resources["annotate"].get("actors", 1)),
+        **_task_args(resources["annotate"]),
+    )
+    sink = make_datasink(output, config.get("writer", {}), job_id)
+    rows = plan.inputs if len(todo) == plan.partitions else len(todo) * plan.partition_size
+    progress = ProgressBar(output, rows, storage_options) if show_progress else None
+    if progress:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts written rows
+        progress.start()
+    try:
+        write_args = {"num_cpus": resources["write"].get("num_cpus", 0.25), **_fault_env()}
+        dataset.write_datasink(sink, ray_remote_args=write_args)
+    finally:
+        if progress:
+            progress.stop()
+    return sink.results
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def _ray_tasks(fn, args_list: list[tuple]) -> list:
+    """Run the planning reads (a footer, a chunk count, a tar's headers) as Ray tasks."""
+    import ray
+
+    if len(args_list) <= 1:  # one small read: not worth a task
+        return [fn(*args) for args in args_list]
+    remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
+    try:
+        return ray.get([remote.remote(*args) for args in args_list])
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ConfigError):
+            raise error.cause from None  # a bad input file: its one-line message, not a remote traceback
+        raise
+
+
+def _fault_env() -> dict:
+    """Tests inject faults into the writers (shards.commit.fault_point) through these variables;
+    workers started before they were set see them through the write tasks' runtime env."""
+    import os
+
+    from shards.commit import FAULT_ENV, FAULT_LOG_ENV, FAULT_ONCE_ENV
+
+    env = {name: os.environ[name] for name in (FAULT_ENV, FAULT_ONCE_ENV, FAULT_LOG_ENV) if name in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _annotate_kwargs(annotators: dict, filters: dict, stage: dict, dataset) -> dict:

@@ -1,5 +1,5 @@
-"""Live progress of an annotation job, read from what is actually committed: the shards' stats
-markers. A background thread polls the output, so it works the same on a laptop and on a
+"""Live progress of an annotation job, read from what is actually committed: the partitions'
+commit records. A background thread polls the output, so it works the same on a laptop and on a
 cluster writing to S3, and it never counts a row that is not durably written."""
 
 from __future__ import annotations
@@ -11,29 +11,34 @@ from collections import Counter
 
 import fsspec
 
-from shards.writer import STATS_SUFFIX, STATUSES, _join
+from shards.commit import RECORD_SUFFIX, join
+from shards.writer import STATUSES
 
 
 class StatsScanner:
-    """Sums the counts of stats markers that appeared since it was created."""
+    """Sums the counts of commit records written since it was created (a record replaced by a
+    rewrite counts once more: its rows were written again)."""
 
     def __init__(self, output: str, storage_options: dict | None = None):
         self.fs, self.root = fsspec.core.url_to_fs(output, **(storage_options or {}))
-        self.seen = set(self._markers())
         self.counts: Counter = Counter()
+        self.seen: set[tuple[str, int]] = set()
+        self.scan()
+        self.counts.clear()  # what was there before counts as done, not as progress
 
-    def _markers(self) -> list[str]:
-        return [posixpath.basename(p) for p in self.fs.glob(_join(self.root, "*" + STATS_SUFFIX))]
+    def _records(self) -> list[str]:
+        return [posixpath.basename(p) for p in self.fs.glob(join(self.root, "*" + RECORD_SUFFIX))]
 
     def scan(self) -> Counter:
-        for name in self._markers():
-            if name in self.seen:
-                continue
+        for name in self._records():
             try:
-                with self.fs.open(_join(self.root, name), "r") as handle:
-                    self.counts.update(json.load(handle)["counts"])
-                self.seen.add(name)
-            except (OSError, json.JSONDecodeError, KeyError):
+                with self.fs.open(join(self.root, name), "r") as handle:
+                    record = json.load(handle)
+                seen = (name, int(record["generation"]))
+                if seen not in self.seen:
+                    self.counts.update(record["counts"])
+                    self.seen.add(seen)
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # replaced while we read it: picked up on the next scan
         return self.counts
 

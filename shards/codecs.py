@@ -249,9 +249,12 @@ def normalize_pose(pose: dict) -> dict:
         bbox = _finite_list(person["bbox"], f"people[{index}].bbox")
         if len(bbox) != 4:
             raise ValueError(f"people[{index}].bbox must be [x0, y0, x1, y1], got {bbox}")
+        score = float(person.get("score", 1.0))
+        if not math.isfinite(score):
+            raise ValueError(f"people[{index}].score must be a finite number, got {score}")
         entry = {
             "bbox": bbox,
-            "score": float(person.get("score", 1.0)),
+            "score": score,
             "keypoints": as_keypoints(person["keypoints"], NUM_COCO17).tolist(),
         }
         if person.get("wholebody") is not None:

@@ -12,22 +12,25 @@ Three documented ways in, all with the full 16-bit depth::
 from __future__ import annotations
 
 import json
-import posixpath
 
 import fsspec
 from braceexpand import braceexpand
 
 from shards import tario
+from shards.commit import RECORD_SUFFIX, join, read_records
 from shards.sample import MEMBER_ORDER, POSE, decode_member
-from shards.writer import STATS_SUFFIX, _join
 
 
 def complete_shard_urls(root: str, storage_options: dict | None = None) -> list[str]:
-    """Tar URLs of the shards under ``root`` that have a stats marker (i.e. are complete)."""
+    """Tar URLs of the shards under ``root`` that a partition commit record names (the only
+    complete ones), in partition and part order."""
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    markers = sorted(fs.glob(_join(path, "*" + STATS_SUFFIX)))
-    names = [posixpath.basename(marker)[: -len(STATS_SUFFIX)] for marker in markers]
-    return [fs.unstrip_protocol(_join(path, name + ".tar")) for name in names]
+    records = read_records(fs, path)
+    return [
+        fs.unstrip_protocol(join(path, part["shard"] + ".tar"))
+        for _, record in sorted(records.items())
+        for part in record["parts"]
+    ]
 
 
 def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> list[str]:
@@ -37,7 +40,7 @@ def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> l
             return list(braceexpand(urls))
         found = complete_shard_urls(urls, storage_options)
         if not found:
-            raise FileNotFoundError(f"no complete shards (*{STATS_SUFFIX}) under {urls!r}")
+            raise FileNotFoundError(f"no complete shards (no *{RECORD_SUFFIX} commit record) under {urls!r}")
         return found
     return [expanded for url in urls for expanded in expand_urls(url, storage_options)]
 

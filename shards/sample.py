@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -125,7 +126,7 @@ def encode_sample(sample: Sample, jpeg_quality: int = 95) -> dict[str, bytes]:
     encoded = {
         IMAGE: image_bytes,
         CAPTION: sample.caption.encode("utf-8"),
-        META: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+        META: json.dumps(_strict_json(meta), sort_keys=True, separators=(",", ":"), allow_nan=False).encode(),
         **members,
     }
     return {ext: encoded[ext] for ext in MEMBER_ORDER if ext in encoded}
@@ -163,3 +164,14 @@ def wds_handler(key: str, data: bytes):
     # webdataset calls handlers with "." + the field name, e.g. ".depth.png".
     extension = key.lower().removeprefix(".")
     return decode_member(extension, data) if extension in MEMBER_ORDER else None
+
+
+def _strict_json(value):
+    """``value`` with NaN and infinities as null: members must parse with a strict JSON parser."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return value

@@ -1,242 +1,240 @@
 """``hyperhuman shards validate`` / ``inspect``: check a HumanVerse dataset end to end.
 
-Every problem names its shard and, where it has one, its sample key. Nothing here modifies
-the dataset.
+Only parts a partition commit record (``PPPPPP_partition.json``, see :mod:`shards.commit`)
+names are trusted, and each is checked against its record: size and sha256 of the tar and
+parquet, samples, rows and status counts. Every problem names its shard (or file) and, where it
+has one, its sample key. Nothing here modifies the dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
 
 import fsspec
-import numpy as np
-import pyarrow.parquet as pq
 
 from shards import tario
-from shards.sample import (
-    ANNOTATION_MEMBERS,
-    DEPTH,
-    IMAGE,
-    MASK,
-    MEMBER_ORDER,
-    META,
-    NORMAL,
-    POSE,
-    PROVENANCE_FIELDS,
-    REQUIRED_MEMBERS,
-    decode_member,
+from shards.commit import (
+    PART_PATTERN,
+    RECORD_PATTERN,
+    RECORD_SUFFIX,
+    join,
+    leftovers,
+    part_stem,
+    read_records,
+    record_name,
 )
-from shards.writer import MANIFEST_NAME, ROW_SCHEMA, STATS_SUFFIX, STATUS_OK, STATUSES, TMP_MARKER, _join
+from shards.sample import (
+    FORMAT_VERSION,
+    META,
+)
+from shards.validate_parts import Problem, read_parquet_part, read_tar_part, strict_json
+from shards.writer import MANIFEST_NAME, STATUSES
+
+# The fields of a commit record and of each of its parts, with their JSON types.
+RECORD_FIELDS = {
+    "format": str, "partition": int, "generation": int, "job": str, "samples": int, "rows": int, "counts": dict,
+    "parts": list,
+}  # fmt: skip
+PART_FIELDS = {
+    "shard": str, "part": int, "samples": int, "rows": int, "counts": dict, "tar_bytes": int, "tar_sha256": str,
+    "parquet_bytes": int, "parquet_sha256": str, "members": dict,
+}  # fmt: skip
+# What each part field of a record is compared with, in words.
+_MEASURED = {
+    "samples": "samples in the tar",
+    "members": "member counts in the tar",
+    "tar_bytes": "tar size in bytes",
+    "tar_sha256": "tar sha256",
+    "rows": "rows in the parquet",
+    "counts": "status counts in the parquet",
+    "parquet_bytes": "parquet size in bytes",
+    "parquet_sha256": "parquet sha256",
+}
+MANIFEST_SHARD_FIELDS = ("partition", "part", "generation", "samples", "rows", "counts", "tar_bytes")
+ORPHAN_MESSAGE = (
+    "orphan part file: no commit record names it; a leftover of an interrupted write, "
+    "which the next `hyperhuman annotate` run on this output removes"
+)
 
 
-@dataclass(frozen=True)
-class Problem:
-    shard: str
-    key: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.shard + (f" key={self.key}" if self.key else "")
-        return f"{where}: {self.message}"
+_TYPE_WORDS = {int: "int ≥ 0", str: "str", list: "list", dict: "dict of str → int ≥ 0"}
 
 
-def _shard_names(fs, root: str) -> tuple[set[str], set[str], list[str]]:
-    tars, markers, temporaries = set(), set(), []
-    for path in fs.ls(root, detail=False):
-        base = posixpath.basename(path)
-        if TMP_MARKER in base:
-            temporaries.append(base)
-        elif base.endswith(".tar"):
-            tars.add(base[: -len(".tar")])
-        elif base.endswith(STATS_SUFFIX):
-            markers.add(base[: -len(STATS_SUFFIX)])
-    return tars, markers, temporaries
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_sample(shard: str, sample: dict, problems: list[Problem]) -> None:
-    key = sample["__key__"]
+def _fields_problems(value, fields: dict[str, type]) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"is not a JSON object but {type(value).__name__}"]
+    missing = [name for name in fields if name not in value]
+    if missing:
+        return [f"lacks fields {missing}"]
+    wrong = [
+        f"{name} ({_TYPE_WORDS[kind]}, got {value[name]!r})"
+        for name, kind in fields.items()
+        if not isinstance(value[name], kind)
+        or (kind is int and not _is_count(value[name]))
+        or (kind is dict and not all(isinstance(k, str) and _is_count(v) for k, v in value[name].items()))
+    ]
+    return [f"has fields of the wrong type: {', '.join(wrong)}"] if wrong else []
+
+
+def _record_shape(record) -> list[str]:
+    """What keeps ``record`` from being a well-formed commit record (empty when it is one)."""
+    found = _fields_problems(record, RECORD_FIELDS)
+    if found:
+        return found
+    if not record["parts"]:
+        return ["names no parts"]
+    for index, part in enumerate(record["parts"]):
+        found += [f"parts[{index}] {message}" for message in _fields_problems(part, PART_FIELDS)]
+    return found
+
+
+def _read_valid_records(fs, root: str, problems: list[Problem]) -> dict[int, dict]:
+    """Every commit record under ``root`` that parses strictly and is well formed, by partition
+    id; every other ``*_partition.json`` is a problem (and names no trusted part)."""
+    records = {}
+    for path in sorted(fs.glob(join(root, "*" + RECORD_SUFFIX))):
+        name = posixpath.basename(path)
+        match = RECORD_PATTERN.fullmatch(name)
+        if not match:
+            message = f"is not a commit record name (PPPPPP{RECORD_SUFFIX}); readers ignore it"
+            problems.append(Problem(name, None, message))
+            continue
+        try:
+            with fs.open(path, "rb") as handle:
+                record = strict_json(handle.read())
+        except (UnicodeDecodeError, ValueError) as exc:
+            problems.append(Problem(name, None, f"commit record does not parse as strict JSON: {exc}"))
+            continue
+        shape = _record_shape(record)
+        for message in shape:
+            problems.append(Problem(name, None, f"commit record {message}"))
+        if not shape:
+            records[int(match.group(1))] = record
+    return records
+
+
+def _check_record_structure(name: str, partition: int, record: dict, problems: list[Problem]) -> None:
+    """The record against its own file name and its parts' names, and its totals against its parts."""
 
     def problem(message: str) -> None:
-        problems.append(Problem(shard, key, message))
+        problems.append(Problem(name, None, message))
 
-    for extension in REQUIRED_MEMBERS:
-        if extension not in sample:
-            problem(f"missing required member {key}.{extension}")
-    for extension in sample:
-        if not extension.startswith("__") and extension not in MEMBER_ORDER:
-            problem(f"unexpected member {key}.{extension}")
-
-    decoded = {}
-    for extension in MEMBER_ORDER:
-        if extension in sample:
-            try:
-                decoded[extension] = decode_member(extension, sample[extension])
-            except Exception as exc:  # report every undecodable member, whatever the cause
-                problem(f"{key}.{extension} does not decode: {type(exc).__name__}: {exc}")
-    meta = decoded.get(META)
-    image = decoded.get(IMAGE)
-    if not isinstance(meta, dict):
-        return
-    if meta.get("key") != key:
-        problem(f"metadata key {meta.get('key')!r} differs from the member key")
-    if IMAGE in sample and meta.get("sha256") != hashlib.sha256(sample[IMAGE]).hexdigest():
-        problem("image sha256 differs from the one recorded in the metadata")
-    annotations = meta.get("annotations", {})
-    for modality, extension in ANNOTATION_MEMBERS.items():
-        if extension in sample:
-            missing = [name for name in PROVENANCE_FIELDS if name not in annotations.get(modality, {})]
-            if missing:
-                problem(f"annotations.{modality} lacks provenance fields {missing}")
-    if image is None:
-        return
-    height, width = image.shape[:2]
-    if (meta.get("width"), meta.get("height")) != (width, height):
-        problem(f"metadata size {meta.get('width')}x{meta.get('height')} differs from image size {width}x{height}")
-    for extension in (DEPTH, NORMAL, MASK):
-        if extension in decoded and decoded[extension].shape[:2] != (height, width):
-            got_h, got_w = decoded[extension].shape[:2]
-            problem(f"{extension} is {got_w}x{got_h} but the image is {width}x{height}")
-    pose = decoded.get(POSE)
-    if pose is not None:
-        if (pose["width"], pose["height"]) != (width, height):
-            problem(f"pose.json size {pose['width']}x{pose['height']} differs from image size {width}x{height}")
-        for index, person in enumerate(pose["people"]):
-            for field in ("keypoints", "wholebody"):
-                if field not in person:
-                    continue
-                points = person[field]
-                visible = points[:, 2] > 0
-                outside = visible & (
-                    (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
-                )
-                if outside.any():
-                    first = int(np.flatnonzero(outside)[0])
-                    problem(
-                        f"person {index} {field}[{first}] at ({points[first, 0]:.1f}, {points[first, 1]:.1f}) "
-                        f"lies outside the {width}x{height} image ({int(outside.sum())} such keypoints)"
-                    )
+    if record["partition"] != partition:
+        problem(f"record partition {record['partition']!r} differs from the file name's {partition}")
+    if record["format"] != FORMAT_VERSION:
+        problem(f"record format {record['format']!r}, expected {FORMAT_VERSION!r}")
+    numbers = [part["part"] for part in record["parts"]]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers)) if numbers else []
+        problem(
+            f"parts are numbered {numbers}; a partition's parts are 0..{len(numbers) - 1} in order"
+            + (f" (missing {missing})" if missing else "")
+        )
+    for part in record["parts"]:
+        expected = part_stem(partition, part["part"], record["generation"])  # the shape check made both ≥ 0
+        if part["shard"] != expected:
+            problem(
+                f"part {part['shard']!r} is not named after partition {partition}, part {part['part']} and "
+                f"generation {record['generation']} (expected {expected!r})"
+            )
+    for field in ("samples", "rows"):
+        total = sum(part[field] for part in record["parts"])
+        if record[field] != total:
+            problem(f"record {field} {record[field]} ≠ {total} summed over its parts")
+    counts = Counter()
+    for part in record["parts"]:
+        counts.update(part["counts"])
+    if Counter(record["counts"]) != counts:  # missing statuses count as zero
+        problem(f"record counts {record['counts']} ≠ {dict(counts)} summed over its parts")
 
 
-def _read_tar(fs, path: str, shard: str, problems: list[Problem], decode: bool) -> list[str] | None:
-    """Check one tar; returns its sample keys in order, or None if it cannot be read at all."""
-    keys: list[str] = []
-    seen: set[str] = set()
-    current: dict | None = None
-
-    def finish(sample: dict | None) -> None:
-        if sample is not None and decode:
-            _check_sample(shard, sample, problems)
-
-    try:
-        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
-            for member in archive:
-                try:
-                    tario.check_member(member)
-                    key, extension = tario.split_member_name(member.name)
-                except ValueError as exc:  # UnsafeMemberError is a ValueError too
-                    problems.append(Problem(shard, None, str(exc)))
-                    continue
-                data = archive.extractfile(member).read()
-                if current is None or key != current["__key__"]:
-                    finish(current)
-                    if key in seen:
-                        problems.append(Problem(shard, key, "members of this key are not contiguous"))
-                        current = None
-                        continue
-                    seen.add(key)
-                    keys.append(key)
-                    current = {"__key__": key}
-                if extension in current:
-                    problems.append(Problem(shard, key, f"duplicate member {member.name}"))
-                current[extension] = data
-            finish(current)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        problems.append(Problem(shard, None, f"tar is unreadable or truncated: {type(exc).__name__}: {exc}"))
-        return None
+def _check_part(fs, root: str, name: str, part: dict, decode: bool, problems: list[Problem]) -> set[str]:
+    """One part named by record ``name``: its files against the record. Returns its keys (tar
+    samples and parquet rows)."""
+    shard = part["shard"]
+    if not PART_PATTERN.fullmatch(shard + ".tar"):
+        return set()  # not a part name (reported with the record): its files are not looked for
+    measured: dict = {}
+    keys: set[str] = set()
+    tar, parquet = join(root, shard + ".tar"), join(root, shard + ".parquet")
+    tar_keys = None
+    if fs.exists(tar):
+        measured.update(read_tar_part(fs, tar, shard, problems, decode))
+        tar_keys = measured.pop("keys")
+        keys.update(tar_keys or ())
+    else:
+        problems.append(Problem(shard, None, f"tar is missing; {name} names it"))
+    if fs.exists(parquet):
+        measured.update(read_parquet_part(fs, parquet, shard, tar_keys, problems))
+        keys.update(measured.pop("row_keys", ()))
+    else:
+        problems.append(Problem(shard, None, f"parquet is missing; {name} names it"))
+    for field, words in _MEASURED.items():
+        if measured.get(field) is not None and measured[field] != part[field]:
+            problems.append(Problem(shard, None, f"{words} {measured[field]} ≠ {part[field]} in {name}"))
     return keys
 
 
-def _check_parquet_and_stats(fs, root: str, shard: str, keys: list[str] | None, problems: list[Problem]) -> dict | None:
-    def problem(message: str, key: str | None = None) -> None:
-        problems.append(Problem(shard, key, message))
-
-    try:
-        with fs.open(_join(root, shard + STATS_SUFFIX), "r") as handle:
-            stats = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        problem(f"stats marker is unreadable: {exc}")
-        return None
-    try:
-        with fs.open(_join(root, shard + ".parquet"), "rb") as handle:
-            table = pq.read_table(handle, use_threads=False)  # see apache/arrow#34314: pool threads abort at exit
-    except Exception as exc:  # missing file, or any pyarrow parse error
-        problem(f"parquet is missing or unreadable: {type(exc).__name__}: {exc}")
-        return stats
-    missing_columns = set(ROW_SCHEMA.names) - set(table.column_names)
-    if missing_columns:
-        problem(f"parquet lacks columns {sorted(missing_columns)}")
-        return stats
-    rows = table.to_pydict()
-    statuses = Counter(rows["status"])
-    unknown = set(statuses) - set(STATUSES)
-    if unknown:
-        problem(f"parquet has unknown statuses {sorted(unknown)}")
-    duplicates = [key for key, count in Counter(rows["key"]).items() if count > 1]
-    if duplicates:
-        problem(f"parquet lists keys more than once: {duplicates[:5]}")
-    counts = {status: statuses.get(status, 0) for status in STATUSES}
-    if stats.get("counts") != counts:
-        problem(f"stats counts {stats.get('counts')} disagree with the parquet's {counts}")
-    if stats.get("rows") != table.num_rows:
-        problem(f"stats rows {stats.get('rows')} disagree with the parquet's {table.num_rows}")
-    for key, status, reason in zip(rows["key"], rows["status"], rows["reason"], strict=True):
-        if status != STATUS_OK and not reason:
-            problem(f"{status} row has no reason", key)
-    if keys is not None:
-        ok_keys = {key for key, status in zip(rows["key"], rows["status"], strict=True) if status == STATUS_OK}
-        for key in sorted(set(keys) - ok_keys):
-            problem("sample is in the tar but not an 'ok' row of the parquet", key)
-        for key in sorted(ok_keys - set(keys)):
-            problem("'ok' row in the parquet but no sample in the tar", key)
-        if stats.get("samples") != len(keys):
-            problem(f"stats says {stats.get('samples')} samples, the tar has {len(keys)}")
-    tar_bytes = fs.size(_join(root, shard + ".tar"))
-    if stats.get("tar_bytes") != tar_bytes:
-        problem(f"stats says the tar has {stats.get('tar_bytes')} bytes, it has {tar_bytes}")
-    return stats
+# -- the manifest ----------------------------------------------------------------------------
 
 
-def _check_manifest(fs, root: str, all_stats: dict[str, dict], problems: list[Problem]) -> None:
-    path = _join(root, MANIFEST_NAME)
+def _check_manifest(fs, root: str, records: dict[int, dict], problems: list[Problem]) -> None:
+    def problem(message: str) -> None:
+        problems.append(Problem(MANIFEST_NAME, None, message))
+
+    path = join(root, MANIFEST_NAME)
     if not fs.exists(path):
-        problems.append(Problem(MANIFEST_NAME, None, "missing; rebuild it with shards.writer.write_manifest"))
+        problem("missing; rebuild it with shards.writer.write_manifest")
         return
-    with fs.open(path, "r") as handle:
-        manifest = json.load(handle)
-    listed = {entry["shard"]: entry for entry in manifest.get("shards", [])}
-    for shard in sorted(set(all_stats) - set(listed)):
-        problems.append(Problem(MANIFEST_NAME, None, f"does not list complete shard {shard}"))
-    for shard in sorted(set(listed) - set(all_stats)):
-        problems.append(Problem(MANIFEST_NAME, None, f"lists {shard}, which has no stats marker"))
-    for shard in sorted(set(listed) & set(all_stats)):
-        for field in ("samples", "rows", "counts"):
-            if listed[shard].get(field) != all_stats[shard].get(field):
-                problems.append(
-                    Problem(
-                        MANIFEST_NAME,
-                        None,
-                        f"{shard} {field} {listed[shard].get(field)} ≠ stats {all_stats[shard].get(field)}",
-                    )
-                )
-    if manifest.get("samples") != sum(stats.get("samples", 0) for stats in all_stats.values()):
-        problems.append(
-            Problem(MANIFEST_NAME, None, f"total samples {manifest.get('samples')} disagree with the shards")
-        )
+    try:
+        with fs.open(path, "rb") as handle:
+            manifest = strict_json(handle.read())
+    except (UnicodeDecodeError, ValueError) as exc:
+        problem(f"does not parse as strict JSON: {exc}; rebuild it with shards.writer.write_manifest")
+        return
+    if not isinstance(manifest, dict):
+        problem("is not a JSON object; rebuild it with shards.writer.write_manifest")
+        return
+    expected = {
+        part["shard"]: {"partition": partition, "generation": record["generation"], **part}
+        for partition, record in sorted(records.items())
+        for part in record["parts"]
+    }
+    entries = manifest.get("shards", [])
+    listed = {
+        entry["shard"]: entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("shard"), str)
+    }
+    for shard in sorted(set(expected) - set(listed)):
+        problem(f"does not list complete shard {shard}")
+    for shard in sorted(set(listed) - set(expected)):
+        problem(f"lists {shard}, which no commit record names")
+    for shard in sorted(set(listed) & set(expected)):
+        for field in MANIFEST_SHARD_FIELDS:
+            if listed[shard].get(field) != expected[shard][field]:
+                problem(f"{shard} {field} {listed[shard].get(field)} ≠ {expected[shard][field]} in its commit record")
+    counts = Counter()
+    for record in records.values():
+        counts.update(record["counts"])
+    totals = {
+        "partitions": len(records),
+        "num_shards": len(expected),
+        "samples": sum(record["samples"] for record in records.values()),
+        "rows": sum(record["rows"] for record in records.values()),
+        "counts": {status: counts.get(status, 0) for status in STATUSES},
+    }
+    for field, total in totals.items():
+        if manifest.get(field) != total:
+            problem(f"total {field} {manifest.get(field)} ≠ {total} in the commit records")
+
+
+# -- entry points ----------------------------------------------------------------------------
 
 
 def validate(root: str, *, decode: bool = True, storage_options: dict | None = None) -> list[Problem]:
@@ -244,62 +242,68 @@ def validate(root: str, *, decode: bool = True, storage_options: dict | None = N
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     if not fs.isdir(path):
         return [Problem(root, None, "is not a directory")]
-    tars, markers, temporaries = _shard_names(fs, path)
     problems: list[Problem] = []
-    if not tars and not markers:
-        problems.append(Problem(root, None, "holds no shards"))
-    for name in temporaries:
+    records = _read_valid_records(fs, path, problems)
+    if not records:
+        problems.append(Problem(root, None, f"holds no shards: no commit record (PPPPPP{RECORD_SUFFIX}) names a part"))
+    temporaries, orphans = leftovers(fs, path, records)
+    for temporary in temporaries:
+        name = posixpath.basename(temporary)
         problems.append(Problem(name, None, "temporary file left by an interrupted writer; rerun that partition"))
-    all_stats = {}
-    for shard in sorted(tars | markers):
-        if shard not in markers:
-            problems.append(Problem(shard, None, f"incomplete: tar without {shard}{STATS_SUFFIX} marker"))
-        if shard not in tars:
-            problems.append(Problem(shard, None, "stats marker without a tar"))
-            continue
-        keys = _read_tar(fs, _join(path, shard + ".tar"), shard, problems, decode)
-        if shard in markers:
-            stats = _check_parquet_and_stats(fs, path, shard, keys, problems)
-            if stats is not None:
-                all_stats[shard] = stats
-    _check_manifest(fs, path, all_stats, problems)
+    for orphan in orphans:
+        problems.append(Problem(posixpath.basename(orphan), None, ORPHAN_MESSAGE))
+    owner: dict[str, str] = {}  # every key seen so far → the shard that holds it
+    for partition, record in sorted(records.items()):
+        name = record_name(partition)
+        _check_record_structure(name, partition, record, problems)
+        for part in record["parts"]:
+            shard = part["shard"]
+            for key in sorted(_check_part(fs, path, name, part, decode, problems)):
+                if key in owner and owner[key] != shard:
+                    problems.append(Problem(shard, key, f"duplicate key: {owner[key]} holds it too"))
+                else:
+                    owner[key] = shard
+    _check_manifest(fs, path, records, problems)
     return problems
 
 
 def inspect(root: str, *, max_keys: int = 5, storage_options: dict | None = None) -> dict:
-    """Counts, sizes, annotators and example keys of a dataset (reads metadata members only)."""
+    """Counts, sizes, annotators and example keys of the complete partitions of a dataset (from
+    their commit records; reads the metadata members only)."""
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    tars, markers, temporaries = _shard_names(fs, path)
+    records = read_records(fs, path)
+    temporaries, orphans = leftovers(fs, path, records)
     counts, members, annotators = Counter(), Counter(), Counter()
     keys: list[str] = []
-    samples = tar_bytes = 0
-    for shard in sorted(markers):
-        with fs.open(_join(path, shard + STATS_SUFFIX), "r") as handle:
-            stats = json.load(handle)
-        counts.update(stats["counts"])
-        members.update(stats.get("members", {}))
-        samples += stats["samples"]
-        tar_bytes += stats["tar_bytes"]
-        with fs.open(_join(path, shard + ".tar"), "rb") as handle:
-            with tarfile.open(fileobj=handle, mode="r|*") as archive:
-                for member in archive:
-                    if not member.name.endswith("." + META) or member.name.count(".") != 1:
-                        continue
-                    tario.check_member(member)
-                    meta = json.loads(archive.extractfile(member).read())
-                    if len(keys) < max_keys:
-                        keys.append(meta["key"])
-                    for modality, info in meta.get("annotations", {}).items():
-                        annotators[
-                            f"{modality}: {info.get('annotator')} {info.get('version')} ({info.get('weights')})"
-                        ] += 1
+    shards = samples = tar_bytes = 0
+    for _, record in sorted(records.items()):
+        counts.update(record["counts"])
+        for part in record["parts"]:
+            shards += 1
+            members.update(part["members"])
+            samples += part["samples"]
+            tar_bytes += part["tar_bytes"]
+            with fs.open(join(path, part["shard"] + ".tar"), "rb") as handle:
+                with tarfile.open(fileobj=handle, mode="r|*") as archive:
+                    for member in archive:
+                        if not member.name.endswith("." + META) or member.name.count(".") != 1:
+                            continue
+                        tario.check_member(member)
+                        meta = json.loads(archive.extractfile(member).read())
+                        if len(keys) < max_keys:
+                            keys.append(meta["key"])
+                        for modality, info in meta.get("annotations", {}).items():
+                            annotators[
+                                f"{modality}: {info.get('annotator')} {info.get('version')} ({info.get('weights')})"
+                            ] += 1
     return {
         "root": root,
-        "complete_shards": len(markers),
-        "incomplete_shards": len(tars - markers),
+        "complete_partitions": len(records),
+        "complete_shards": shards,
+        "orphan_part_files": len(orphans),
         "temporary_files": len(temporaries),
         "samples": samples,
-        "rows": dict(counts),
+        "rows": {status: counts.get(status, 0) for status in (*STATUSES, *sorted(set(counts) - set(STATUSES)))},
         "tar_bytes": tar_bytes,
         "members": dict(members),
         "annotators": dict(annotators),

@@ -78,7 +78,7 @@ REJECTIONS = {
     "min_person_area": ("rejected", 2),
     "http_error": ("failed", 2),
     "undecodable": ("failed", 1),
-    "something odd": ("rejected", 1),
+    "failed (no rule)": ("failed", 1),
 }
 
 
@@ -89,7 +89,7 @@ def shards(tmp_path_factory):
     Image.fromarray(np.full((60, 90, 3), (30, 120, 200), np.uint8)).save(photo)
     garbage = root.parent / "garbage.jpg"
     garbage.write_bytes(b"not an image")
-    reasons = {**filter_reasons(), "http_error": "HTTP 404", "something odd": "something odd: code 12"}
+    reasons = {**filter_reasons(), "http_error": "HTTP 404", "failed (no rule)": "something odd: code 12"}
     reasons["undecodable"] = "not a readable image (UnidentifiedImageError: cannot identify image file)"
     with ShardWriter(str(root), 0, max_samples=100) as writer:
         for index in range(130):
@@ -104,7 +104,9 @@ def shards(tmp_path_factory):
                     source = photo.as_uri()
                 elif rule == "undecodable":
                     source = str(garbage)
-                writer.reject(f"r-{_key(rule)}-{index}", reasons[rule], status=status, source=source, caption="c")
+                column = "" if rule == "failed (no rule)" else rule  # e.g. an annotator's exception
+                key = f"r-{_key(rule)}-{index}"
+                writer.reject(key, reasons[rule], status=status, rule=column, source=source, caption="c")
     with ShardWriter(str(root), 1, max_samples=100) as writer:
         for index in range(KEPT - 130):
             writer.write(make_sample(f"b{index:03d}", height=12, width=16, seed=1000 + index))
@@ -207,15 +209,10 @@ def html_escape(text: str) -> str:
 # Rejected rows
 
 
-def test_rule_of_recovers_the_filter_rules_from_their_reasons():
-    for rule, reason in filter_reasons().items():
-        assert rule_of(reason) == rule
-    assert rule_of("transient: HTTP 503", "failed") == "transient"
-    assert rule_of("HTTP 404", "failed") == "http_error"
-    assert rule_of("image data is corrupt or truncated (OSError: x)", "failed") == "undecodable"
-    assert rule_of("cannot read s3://b/x.jpg: denied", "failed") == "unreadable_source"
-    assert rule_of("aesthetic score 3.2 below 5: low", "rejected") == "aesthetic score N below N"
-    assert rule_of("", "failed") == "failed (no reason)"
+def test_the_rule_is_the_rule_column_never_the_reasons_wording():
+    assert rule_of({"rule": "min_side", "reason": "HTTP 404"}, "rejected") == "min_side"
+    assert rule_of({"rule": "", "reason": "people found, fewer than 1"}, "rejected") == "rejected (no rule)"
+    assert rule_of({"reason": "HTTP 404"}, "failed") == "failed (no rule)"  # shards from before the column
 
 
 def test_rejected_summary_counts_per_status_and_rule(gallery):
@@ -236,7 +233,7 @@ def test_rejected_summary_counts_per_status_and_rule(gallery):
 def test_rejected_rows_have_pages_per_status_and_rule(gallery):
     out = gallery.parent
     assert table_rows(out / "status-rejected-0001.html") == sum(n for s, n in REJECTIONS.values() if s == "rejected")
-    assert table_rows(out / "status-failed-0001.html") == 3
+    assert table_rows(out / "status-failed-0001.html") == 4
     assert not (out / "status-ok-0001.html").exists()
     for rule, (_, count) in REJECTIONS.items():
         page = out / f"rule-{re.sub(r'[^A-Za-z0-9_-]+', '_', rule)}-0001.html"
@@ -265,33 +262,18 @@ def test_rejected_pages_paginate(shards, tmp_path):
     assert sorted(path.name for path in out.glob("status-rejected-*.html")) == ["status-rejected-0001.html"]
 
 
-def test_the_parquet_rule_column_names_the_rule_where_it_is_set(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def test_the_parquet_rule_column_names_the_rule_and_wording_is_never_parsed(tmp_path):
     reasons = filter_reasons()
     with ShardWriter(str(tmp_path / "in"), 0) as writer:
         writer.write(make_sample("k0", height=12, width=16))
-        writer.reject("r0", reasons["min_people"], source="http://127.0.0.1/r0.jpg")
-        writer.reject("r1", reasons["min_person_area"], source="http://127.0.0.1/r1.jpg")
-        writer.reject("r2", "HTTP 404", status="failed", source="http://127.0.0.1/r2.jpg")
-    # the parquet of shards written with a rule column (the data side's, once it has one): one row's
-    # rule is not what its wording says, one row has none (null) and falls back to the wording
-    (parquet,) = (tmp_path / "in").glob("*.parquet")
-    table = pq.read_table(parquet)
-    rules = {"k0": None, "r0": "min_people_custom", "r1": None, "r2": "http_error"}
-    table = table.drop_columns([name for name in ("rule",) if name in table.column_names])
-    table = table.append_column("rule", pa.array([rules[key] for key in table.column("key").to_pylist()], pa.string()))
-    pq.write_table(table, parquet)
+        writer.reject("r0", reasons["min_people"], rule="min_people_custom", source="http://127.0.0.1/r0.jpg")
+        writer.reject("r1", reasons["min_person_area"], rule="min_person_area", source="http://127.0.0.1/r1.jpg")
+        writer.reject("r2", "HTTP 404", status="failed", rule="fetch", source="http://127.0.0.1/r2.jpg")
+        writer.reject("r3", reasons["min_side"], status="failed", source="http://127.0.0.1/r3.jpg")  # no rule
     index = shard_gallery(str(tmp_path / "in"), str(tmp_path / "with-rules"), thumb_size=16)
     summary = json.loads((index.parent / "gallery.json").read_text())
-    assert summary["rules"] == {"min_people_custom": 1, "min_person_area": 1, "http_error": 1}
+    assert summary["rules"] == {"min_people_custom": 1, "min_person_area": 1, "fetch": 1, "failed (no rule)": 1}
     assert table_rows(index.parent / "rule-min_people_custom-0001.html") == 1
-    # without the column (shards written before it existed) every rule comes from the wording
-    pq.write_table(table.drop_columns(["rule"]), parquet)
-    index = shard_gallery(str(tmp_path / "in"), str(tmp_path / "without-rules"), thumb_size=16)
-    summary = json.loads((index.parent / "gallery.json").read_text())
-    assert summary["rules"] == {"min_people": 1, "min_person_area": 1, "http_error": 1}
 
 
 def test_gallery_of_memory_filesystem_shards_and_of_no_shards(tmp_path):

@@ -14,7 +14,8 @@ from PIL import Image
 from annotators.registry import REGISTRY
 from hyperhuman.config import load_config
 from hyperhuman.demo import packaged_photos
-from pipelines.job import partitions_with_transient_failures, run_job
+from pipelines.job import run_job
+from pipelines.output import partitions_with_transient_failures
 from shards.reader import complete_shard_urls, read_shard
 from shards.validate import validate
 from tests.pipelines.faulty_annotators import TARGET
@@ -128,5 +129,5 @@ def test_a_bad_retry_bound_is_refused_at_start(value):
     from pipelines.job import check_job_config
 
     config = load_config("annotate/offline", [f"ray.annotate.max_retries={value}"])
-    with pytest.raises(ConfigError, match="ray.annotate.max_retries must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="ray.annotate.max_retries must be an integer ≥ 0"):
         check_job_config(config)

@@ -67,9 +67,9 @@ def test_folder_job_writes_valid_annotated_shards_and_resumes(photo_folder, tmp_
     assert json.loads((output / "report.json").read_text())["counts"] == report["counts"]
     assert report["annotators_this_run"]["pose"]["annotator"] == "mediapipe-blazepose"
 
-    # Resume: a partition without its final marker is redone; complete ones are skipped.
+    # Resume: a partition without its commit record is redone; complete ones are skipped.
     keys_before = sorted(row["key"] for row in rows)
-    (output / "000001-0000_stats.json").unlink()
+    (output / "000001_partition.json").unlink()
     again = run_job(str(photo_folder), str(output), job_config(partition_size=2))
     assert again["partitions_written_this_run"] == 1
     assert sorted(row["key"] for row in all_rows(output)) == keys_before
@@ -187,17 +187,20 @@ def test_job_killed_partway_resumes_to_exactly_the_uninterrupted_keys(photo_fold
     command = [
         str(Path(sys.executable).parent / "hyperhuman"), "annotate", str(photo_folder), str(killed),
         "--set", "partition_size=1", "--set", "filters.min_side=64", "--set", "filters.min_person_area=0.0",
+        # job_config's fetch settings: they are part of the job's fingerprint, so the resume below must match
+        "--set", "fetch.timeout_s=0.5", "--set", "fetch.retries=1", "--set", "fetch.backoff_s=0.01",
+        "--set", "fetch.max_bytes=200000",
     ]  # fmt: skip
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
-        while len(list(killed.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        while len(list(killed.glob("*_partition.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)
         assert process.poll() is None, "the job finished before it could be killed"
     finally:
         kill_session(process.pid)
         process.wait()
-    written = len(list(killed.glob("*_stats.json")))
+    written = len(list(killed.glob("*_partition.json")))
     assert 2 <= written < 6
     for tar in killed.glob("*.tar"):  # anything under a final name is a complete tar
         with tarfile.open(tar) as archive:
@@ -241,11 +244,11 @@ def test_job_writes_to_s3_and_shards_read_back(photo_folder, s3_bucket, tmp_path
     report = run_job(str(photo_folder), "s3://humanverse/run1", config)
     fs = fsspec.filesystem("s3", **s3_bucket)
     names = sorted(path.rsplit("/", 1)[-1] for path in fs.ls("humanverse/run1"))
-    assert "manifest.json" in names and "report.json" in names and "000000-0000_stats.json" in names
+    assert "manifest.json" in names and "report.json" in names and "000000_partition.json" in names
     assert not [name for name in names if ".tmp-" in name]
     assert validate("s3://humanverse/run1", storage_options=s3_bucket) == []
     samples = list(read_shard("s3://humanverse/run1/000000-0000.tar", storage_options=s3_bucket))
-    assert len(samples) == json.loads(fs.cat_file("humanverse/run1/000000-0000_stats.json"))["samples"]
+    assert len(samples) == json.loads(fs.cat_file("humanverse/run1/000000_partition.json"))["samples"]
     assert report["counts"]["ok"] + report["counts"]["rejected"] + report["counts"]["failed"] == 6
 
 

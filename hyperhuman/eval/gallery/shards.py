@@ -14,11 +14,10 @@ Written into one folder (:func:`shard_gallery`)::
                                image when it is a local file (remote sources are never fetched)
     gallery.json               what was written (counts, pages), for tools and tests
 
-A row's rule is the parquet's ``rule`` column where the shards have one and it is set. Shards
-written before that column existed store only the status and the reason, so there the rule is
-recovered from the reason's wording (:data:`RULE_PATTERNS`: the messages of
-``pipelines/filters.py`` and ``pipelines/fetch.py``); an unknown wording is grouped by its text
-up to the first colon, numbers masked.
+A row's rule is the parquet's ``rule`` column (the filter that rejected it, or the kind of
+failure: ``fetch``, ``decode``, ``transient``, ``caption``, ...); a row without one (an
+annotator's exception, or shards written before the column existed) is grouped as
+``STATUS (no rule)``. Reasons are never parsed for a rule.
 """
 
 from __future__ import annotations
@@ -60,22 +59,6 @@ from shards import codecs
 TOP_REASONS = 30
 STATUS_ORDER = ("ok", "rejected", "failed")
 
-RULE_PATTERNS = (
-    ("min_side", r"shorter side below|px on a side"),
-    ("max_aspect", r"^aspect ratio "),
-    ("min_people", r"people found, fewer than"),
-    ("max_people", r"people found, more than"),
-    ("min_person_area", r"^people cover "),
-    ("transient", r"^transient: "),
-    ("http_error", r"^HTTP \d+"),
-    ("unsupported_url", r"^unsupported URL scheme"),
-    ("too_large", r"^body larger than|^refusing to decode|more than the limit"),
-    ("too_many_redirects", r"^too many redirects"),
-    ("unreadable_source", r"^cannot read "),
-    ("undecodable", r"not a readable image|corrupt or truncated|^empty body"),
-)
-"""(rule, regular expression on the reason), first match wins."""
-_RULES = tuple((rule, re.compile(pattern)) for rule, pattern in RULE_PATTERNS)
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?")
 
 
@@ -122,15 +105,9 @@ def _depth_thumb(data: bytes, encoding: dict | None, size: int) -> Image.Image:
     return Image.fromarray(render_depth(small, (encoding or {}).get("kind", "metric")))
 
 
-def rule_of(reason: str | None, status: str = "rejected") -> str:
-    """The filter rule (or kind of failure) behind a rejected or failed row's reason."""
-    text = reason or ""
-    for rule, pattern in _RULES:
-        if pattern.search(text):
-            return rule
-    if not text:
-        return f"{status} (no reason)"
-    return reason_template(text.split(":", 1)[0])[:60] or status
+def rule_of(row: dict, status: str) -> str:
+    """The rule column of a rejected or failed row, or ``STATUS (no rule)``."""
+    return row.get("rule") or f"{status} (no rule)"
 
 
 def reason_template(reason: str) -> str:
@@ -280,7 +257,7 @@ def _add_rows(collected: _Collected, shard: str, kept_before: int, rows: list[di
         status = row.get("status") or "unknown"
         counts[status] += 1
         if status != "ok":
-            rule = row.get("rule") or rule_of(row.get("reason"), status)
+            rule = rule_of(row, status)
             collected.rows.append({**row, "status": status, "rule": rule, "shard": shard})
     collected.statuses.update(counts)
     collected.shards.append((shard, len(collected.items) - kept_before, counts))
@@ -433,7 +410,7 @@ def _index_summary(collected: _Collected, status_links: dict[str, str], shards_r
     shard_list = (
         f"<details><summary>{len(collected.shards)} complete shard(s)</summary>{shards}</details>"
         if collected.shards
-        else f'<p class="problem">no complete shards (no *_stats.json marker) under {escape(shards_root)}</p>'
+        else f'<p class="problem">no complete shards (no commit record) under {escape(shards_root)}</p>'
     )
     return (
         f'<div class="summary"><div><h2>Rows per status</h2>{_status_table(collected.statuses, status_links)}'
