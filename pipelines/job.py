@@ -291,8 +291,12 @@ def run_job(
     storage_options = config.get("writer", {}).get("storage_options") or {}
     check_output(output, storage_options)
     started = time.perf_counter()
-    _init_ray(address)
-    plan = plan_source(source, config.get("source", {}), config["partition_size"], run_tasks=_ray_tasks)
+    plan = plan_source(
+        source,
+        config.get("source", {}),
+        config["partition_size"],
+        run_tasks=lambda fn, args: _ray_tasks(fn, args, address),
+    )
     listing_s = time.perf_counter() - started
     if plan_only:
         summary = {**plan.summary(), "plan_s": round(listing_s, 3)}
@@ -319,6 +323,7 @@ def run_job(
 
         results = []
         if todo:
+            _init_ray(address)
             results = _annotate_and_write(plan, todo, output, config, filters, job_id, show_progress)
         remove_leftovers(fs, root)  # what killed attempts of this run left: no writer runs now
         manifest = write_manifest(output, storage_options)
@@ -348,7 +353,7 @@ def _annotate_and_write(plan: Plan, todo: list[int], output, config, filters, jo
         **_task_args(resources["annotate"]),
     )
     sink = make_datasink(output, config.get("writer", {}), job_id)
-    rows = plan.inputs if len(todo) == plan.partitions else len(todo) * plan.partition_size
+    rows = sum(plan.rows_in(partition) for partition in todo)
     progress = ProgressBar(output, rows, storage_options) if show_progress else None
     if progress:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts written rows
@@ -369,12 +374,14 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _ray_tasks(fn, args_list: list[tuple]) -> list:
-    """Run the planning reads (a footer, a chunk count, a tar's headers) as Ray tasks."""
+def _ray_tasks(fn, args_list: list[tuple], address: str | None = None) -> list:
+    """Run the planning reads (a chunk count, a tar's headers) as Ray tasks (Ray starts here when
+    planning needs it, so a rerun with nothing to do on a folder never waits for it)."""
     import ray
 
     if len(args_list) <= 1:  # one small read: not worth a task
         return [fn(*args) for args in args_list]
+    _init_ray(address)
     remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
     try:
         return ray.get([remote.remote(*args) for args in args_list])

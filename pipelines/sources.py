@@ -64,6 +64,12 @@ class Plan:
             return {"kind": "folder", "partition": partition, "paths": self.files[start:stop]}
         return {"kind": "url_list", "partition": partition, "segments": url_lists.segments(self.files, start, stop)}
 
+    def rows_in(self, partition: int) -> int:
+        """How many inputs (hence parquet rows) the partition has."""
+        if self.kind == "tar":
+            return self.files[partition]["samples"]
+        return min(self.partition_size, self.inputs - partition * self.partition_size)
+
     def descriptors(self) -> Iterator[dict]:
         return (self.descriptor(partition) for partition in range(self.partitions))
 
@@ -160,11 +166,12 @@ def _plan_tars(source, urls, storage_options, partition_size, run_tasks) -> Plan
 
 
 def _plan_folder(source: str, fs, root: str, partition_size: int) -> Plan:
-    images = [(path, size) for path, size in _walk(fs, root) if _is_image(path)]
-    images.sort()
+    """Images in path order; the fingerprint covers them and the caption files (both change the
+    output: an added image shifts keys, an edited caption changes a sample)."""
+    files = sorted((path, size) for path, size in _walk(fs, root) if _is_image(path) or path.endswith(".txt"))
     relative = len(root.rstrip("/")) + 1
-    fingerprint = _digest([[path[relative:], size] for path, size in images])
-    paths = [fs.unstrip_protocol(path) for path, _ in images]
+    fingerprint = _digest([[path[relative:], size] for path, size in files])
+    paths = [fs.unstrip_protocol(path) for path, _ in files if _is_image(path)]
     return Plan(source, "folder", len(paths), partition_size, paths, fingerprint)
 
 

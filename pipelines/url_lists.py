@@ -143,9 +143,11 @@ def count_chunk(path: str, kind: str, start: int, stop: int, storage_options: di
         with fs.open(local, "rb") as raw:
             if path.endswith(".gz"):
                 return _count_text(gzip.GzipFile(fileobj=raw), path, kind, 0, math.inf)
-            raw.seek(start)
             if start > 0:
-                raw.readline()  # the line holding byte ``start`` belongs to the chunk before
+                # The line holding byte ``start - 1`` belongs to the chunk before (a line that starts
+                # exactly at ``start`` is ours: then this reads just the line break before it).
+                raw.seek(start - 1)
+                raw.readline()
             return _count_text(raw, path, kind, raw.tell(), stop)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise UrlListError(f"cannot read URL list {path}: {type(exc).__name__}: {exc}") from None

@@ -77,6 +77,23 @@ def test_partitions_span_files_chunks_and_row_groups_in_order(tmp_path, monkeypa
         assert len(plan.files[0]["chunks"]) > 1  # counted in several chunks
 
 
+@pytest.mark.parametrize("name", ["urls.csv", "urls.jsonl"])
+def test_a_row_starting_exactly_at_a_chunk_boundary_is_counted_once(tmp_path, monkeypatch, name):
+    """Lines (and the csv header) of one length, chunks of one or three lines: every chunk
+    boundary is the first byte of a row."""
+    if name.endswith(".csv"):
+        lines = [f"http://127.0.0.1/{i:04d}.jpg,c,\n" for i in range(40)]
+        header = "url,caption," + "p" * (len(lines[0]) - len("url,caption,") - 1) + "\n"
+    else:
+        lines, header = [json.dumps({"url": f"http://127.0.0.1/{i:04d}.jpg"}) + "\n" for i in range(40)], ""
+    (tmp_path / name).write_text(header + "".join(lines))
+    for chunk in (len(lines[0]), len(lines[0]) * 3):
+        monkeypatch.setattr(url_lists, "CHUNK_BYTES", chunk)
+        plan = plan_source(str(tmp_path / name), OPTIONS, 7)
+        assert plan.inputs == 40
+        assert [row["source"] for row in rows_of(plan)] == [f"http://127.0.0.1/{i:04d}.jpg" for i in range(40)]
+
+
 def test_plan_reads_only_metadata(tmp_path, monkeypatch):
     write_list(tmp_path / "urls.parquet", RECORDS * 50)
 
