@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from shards.commit import (
     PART_PATTERN,
-    RECORD_SUFFIX,
     TMP_MARKER,
     committed_names,
     fault_point,
@@ -48,7 +47,6 @@ from shards.sample import FORMAT_VERSION, Sample, check_key, encode_sample
 STATUS_OK, STATUS_REJECTED, STATUS_FAILED = "ok", "rejected", "failed"
 STATUSES = (STATUS_OK, STATUS_REJECTED, STATUS_FAILED)
 MANIFEST_NAME = "manifest.json"
-__all__ = ["RECORD_SUFFIX", "TMP_MARKER", "ShardWriter", "write_manifest"]
 
 ROW_SCHEMA = pa.schema(
     [
@@ -68,9 +66,6 @@ ROW_SCHEMA = pa.schema(
 
 def shard_name(partition: int, part: int, generation: int = 0) -> str:
     return part_stem(partition, part, generation)
-
-
-_join = join  # older name, still imported by callers
 
 
 class _HashingFile:
