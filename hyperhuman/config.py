@@ -12,7 +12,9 @@ same way an editable install does: through ``importlib.resources``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.resources
+import json
 from pathlib import Path
 
 import yaml
@@ -131,3 +133,9 @@ def documented_keys(known: dict, where: str = "") -> list[str]:
     for key, value in known.items():
         keys += documented_keys(value, f"{where}{key}.") if isinstance(value, dict) else [f"{where}{key}"]
     return keys
+
+
+def json_digest(value) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, other values by ``str``): how settings,
+    listings and demo stages are told apart."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hyperhuman.config import apply_overrides, load_config
+from hyperhuman.config import apply_overrides, json_digest, load_config
 
 
 def packaged_photos() -> dict[str, np.ndarray]:
@@ -54,7 +54,7 @@ def export_photos(config: dict, photo_dir: Path) -> None:
 
 
 def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(parts)
 
 
 def photos_digest(photo_dir: Path) -> str:

@@ -4,12 +4,11 @@ does with the others."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import fsspec
 
-from hyperhuman.config import ConfigError
+from hyperhuman.config import ConfigError, json_digest
 from pipelines import fetch as fetching
 from pipelines.sources import Plan
 from shards.commit import join, read_records, record_name, write_json_atomic
@@ -60,7 +59,7 @@ def job_settings(source: str, config: dict, filters: dict, plan: Plan) -> dict:
 
 
 def fingerprint(job: dict) -> str:
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(job)
 
 
 def check_job_file(output: str, job: dict, overwrite: bool, storage_options: dict) -> None:

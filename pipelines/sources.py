@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from hyperhuman.config import ConfigError
+from hyperhuman.config import ConfigError, json_digest
 from pipelines import url_lists
 from pipelines.settings import DEFAULT_MAX_CAPTION_BYTES
+from shards.commit import is_local
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_LISTED_FILES = 1000  # files named one by one in job.json, to say which one changed
@@ -138,7 +139,7 @@ def plan_source(source: str, options: dict, partition_size: int, run_tasks: Call
 
 def _plan_url_lists(source, paths, options, storage_options, partition_size, run_tasks) -> Plan:
     entries = url_lists.plan_files(paths, options, storage_options, run_tasks)
-    fingerprint = _digest([[entry["path"], entry["fingerprint"]] for entry in entries])
+    fingerprint = json_digest([[entry["path"], entry["fingerprint"]] for entry in entries])
     inputs = sum(entry["rows"] for entry in entries)
     return Plan(source, "url_list", inputs, partition_size, entries, fingerprint)
 
@@ -156,9 +157,11 @@ def _plan_tars(source, urls, storage_options, partition_size, run_tasks) -> Plan
     scans = run_tasks(tar_source.scan_tar, [(url, storage_options) for url in urls])
     planned = tar_source.plan_keys(scans)
     for entry, scan in zip(planned, scans, strict=True):
-        entry["fingerprint"] = _digest([scan["url"], scan["bytes"], entry["samples"], sorted(entry["rekey"].items())])
+        entry["fingerprint"] = json_digest(
+            [scan["url"], scan["bytes"], entry["samples"], sorted(entry["rekey"].items())]
+        )
         entry["path"] = entry["url"]
-    fingerprint = _digest([entry["fingerprint"] for entry in planned])
+    fingerprint = json_digest([entry["fingerprint"] for entry in planned])
     return Plan(source, "tar", sum(entry["samples"] for entry in planned), partition_size, planned, fingerprint)
 
 
@@ -170,7 +173,7 @@ def _plan_folder(source: str, fs, root: str, partition_size: int) -> Plan:
     output: an added image shifts keys, an edited caption changes a sample)."""
     files = sorted((path, size) for path, size in _walk(fs, root) if _is_image(path) or path.endswith(".txt"))
     relative = len(root.rstrip("/")) + 1
-    fingerprint = _digest([[path[relative:], size] for path, size in files])
+    fingerprint = json_digest([[path[relative:], size] for path, size in files])
     paths = [fs.unstrip_protocol(path) for path, _ in files if _is_image(path)]
     return Plan(source, "folder", len(paths), partition_size, paths, fingerprint)
 
@@ -183,7 +186,7 @@ def _walk(fs, root: str) -> Iterator[tuple[str, int]]:
     """(path, size) of every file under ``root``. On a local disk symlinked folders are followed,
     each real folder once (a link back up is a loop, reported and skipped); a folder that cannot
     be listed is reported and skipped, never an aborted listing."""
-    if not _is_local(fs):
+    if not is_local(fs):
         for path, info in fs.find(root, detail=True).items():
             yield path, int(info.get("size") or 0)
         return
@@ -208,16 +211,8 @@ def _walk(fs, root: str) -> Iterator[tuple[str, int]]:
                 yield path, -1  # a dangling link: its read fails, as a row
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def _warn(message: str) -> None:
     print(f"[annotate] warning: {message}", file=sys.stderr)
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- reading a partition (in its task) ---------------------------------------------------------

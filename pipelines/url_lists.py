@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import fsspec
 
-from hyperhuman.config import ConfigError
+from hyperhuman.config import ConfigError, json_digest
 
 CHUNK_BYTES = 8 << 20  # text bytes per counting chunk: tasks count ~100k rows each
 PROBE_BYTES = 64 << 10  # head and tail hashed into the listing fingerprint
@@ -80,7 +80,7 @@ def plan_files(paths: list[str], options: dict, storage_options: dict, run_tasks
             if entry["format"] != "jsonl" and "header" not in entry:
                 raise UrlListError(f"URL list {entry['path']} is empty: no header row; a csv/tsv list needs one")
         _check_columns(entry, options)
-        entry["fingerprint"] = _digest([entry["path"], entry["size"], entry["rows"], entry["probe"]])
+        entry["fingerprint"] = json_digest([entry["path"], entry["size"], entry["rows"], entry["probe"]])
         del entry["probe"]
     return entries
 
@@ -126,10 +126,6 @@ def _check_columns(entry: dict, options: dict) -> None:
         raise UrlListError(
             f"URL list {entry['path']} has no column {url_column!r} (columns: {header[:20]}); set source.url_column"
         )
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- counting (a task per chunk) ---------------------------------------------------------------

@@ -22,7 +22,7 @@ import re
 import signal
 import uuid
 
-from shards.sample import FORMAT_VERSION
+from shards.sample import FORMAT_VERSION, strict_json
 
 RECORD_SUFFIX = "_partition.json"
 TMP_MARKER = ".tmp-"
@@ -50,7 +50,7 @@ def write_atomic(fs, path: str, data: bytes, fault: str | None = None, partition
     """Replace ``path`` with ``data`` in one step: a temporary file renamed over it on a local
     disk (``rename`` is atomic); a single PUT on object stores (atomic per object). ``fault``
     names the injection point between the temporary write and the rename."""
-    if not _is_local(fs):
+    if not is_local(fs):
         fs.pipe_file(path, data)
         return
     tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
@@ -65,7 +65,8 @@ def write_json_atomic(fs, path: str, value, **kwargs) -> None:
     write_atomic(fs, path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode(), **kwargs)
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
+    """A local disk, where ``os.replace`` renames atomically."""
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
@@ -73,15 +74,11 @@ def read_record(fs, root: str, partition: int) -> dict | None:
     """The partition's commit record, or None when it has none (or an unreadable one, which
     :func:`shards.validate.validate` reports and the next rewrite replaces)."""
     try:
-        with fs.open(join(root, record_name(partition)), "r") as handle:
-            record = json.load(handle, parse_constant=_refuse_constant)
+        with fs.open(join(root, record_name(partition)), "rb") as handle:
+            record = strict_json(handle.read())
     except (FileNotFoundError, ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         return None
     return record if _well_formed(record) else None
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _well_formed(record) -> bool:

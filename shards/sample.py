@@ -126,7 +126,7 @@ def encode_sample(sample: Sample, jpeg_quality: int = 95) -> dict[str, bytes]:
     encoded = {
         IMAGE: image_bytes,
         CAPTION: sample.caption.encode("utf-8"),
-        META: json.dumps(_strict_json(meta), sort_keys=True, separators=(",", ":"), allow_nan=False).encode(),
+        META: json.dumps(_finite(meta), sort_keys=True, separators=(",", ":"), allow_nan=False).encode(),
         **members,
     }
     return {ext: encoded[ext] for ext in MEMBER_ORDER if ext in encoded}
@@ -166,12 +166,23 @@ def wds_handler(key: str, data: bytes):
     return decode_member(extension, data) if extension in MEMBER_ORDER else None
 
 
-def _strict_json(value):
-    """``value`` with NaN and infinities as null: members must parse with a strict JSON parser."""
+def _finite(value):
+    """``value`` with NaN and infinities as null: members must parse with :func:`strict_json`."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
+        return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_strict_json(item) for item in value]
+        return [_finite(item) for item in value]
     return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (Python writes it for a non-finite float unless allow_nan=False)")
+
+
+def strict_json(data: bytes | str):
+    """``json.loads`` that refuses NaN, Infinity and -Infinity, which Python accepts by default
+    but other JSON parsers (and the JSON standard) do not."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return json.loads(text, parse_constant=_refuse_constant)

@@ -29,8 +29,9 @@ from shards.commit import (
 from shards.sample import (
     FORMAT_VERSION,
     META,
+    strict_json,
 )
-from shards.validate_parts import Problem, read_parquet_part, read_tar_part, strict_json
+from shards.validate_parts import Problem, read_parquet_part, read_tar_part
 from shards.writer import MANIFEST_NAME, STATUSES
 
 # The fields of a commit record and of each of its parts, with their JSON types.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from shards.sample import (
     PROVENANCE_FIELDS,
     REQUIRED_MEMBERS,
     decode_member,
+    strict_json,
 )
 from shards.writer import ROW_SCHEMA, STATUS_OK, STATUS_REJECTED, STATUSES
 
@@ -41,17 +41,6 @@ class Problem:
     def __str__(self) -> str:
         where = self.shard + (f" key={self.key}" if self.key else "")
         return f"{where}: {self.message}"
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON (Python writes it for a non-finite float unless allow_nan=False)")
-
-
-def strict_json(data: bytes | str):
-    """``json.loads`` that refuses NaN, Infinity and -Infinity, which Python accepts by default
-    but other JSON parsers (and the JSON standard) do not."""
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def _is_json_member(extension: str) -> bool:
