@@ -20,6 +20,7 @@ plan's fingerprint changes when the listing does (a file added, a list rewritten
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -63,7 +64,11 @@ class Plan:
         start, stop = partition * self.partition_size, min((partition + 1) * self.partition_size, self.inputs)
         if self.kind == "folder":
             return {"kind": "folder", "partition": partition, "paths": self.files[start:stop]}
-        return {"kind": "url_list", "partition": partition, "segments": url_lists.segments(self.files, start, stop)}
+        return {"kind": "url_list", "partition": partition, "segments": self._rows.segments(start, stop)}
+
+    @functools.cached_property
+    def _rows(self) -> url_lists.RowIndex:
+        return url_lists.RowIndex(self.files)
 
     def rows_in(self, partition: int) -> int:
         """How many inputs (hence parquet rows) the partition has."""

@@ -16,10 +16,12 @@ to convert it to parquet. Blank lines are not rows.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -74,11 +76,15 @@ def plan_files(paths: list[str], options: dict, storage_options: dict, run_tasks
         entry.setdefault("chunks", []).append((chunk["offset"], chunk["rows"]))
         if chunk.get("header") is not None:
             entry["header"] = chunk["header"]
+    first_row = 0
     for entry in entries:
         if entry["format"] != "parquet":
             entry["rows"] = sum(rows for _, rows in entry["chunks"])
             if entry["format"] != "jsonl" and "header" not in entry:
                 raise UrlListError(f"URL list {entry['path']} is empty: no header row; a csv/tsv list needs one")
+        sizes = entry["row_groups"] if entry["format"] == "parquet" else [rows for _, rows in entry["chunks"]]
+        entry["starts"] = list(itertools.accumulate(sizes, initial=0))[:-1]  # first row of each group/chunk
+        entry["first_row"], first_row = first_row, first_row + entry["rows"]
         _check_columns(entry, options)
         entry["fingerprint"] = json_digest([entry["path"], entry["size"], entry["rows"], entry["probe"]])
         del entry["probe"]
@@ -181,40 +187,42 @@ def _parse_csv_lines(lines: list[bytes], kind: str) -> list[list[str]]:
 # -- reading one partition's rows (in its task) ------------------------------------------------
 
 
-def segments(entries: list[dict], start: int, stop: int) -> list[dict]:
-    """The per-file pieces of global rows ``[start, stop)`` (files in order, rows concatenated):
-    ``{path, format, header, first, count}`` plus where to begin reading (``row_groups`` for
-    parquet; ``offset`` and ``skip`` for text)."""
-    pieces, base = [], 0
-    for entry in entries:
-        end = base + entry["rows"]
-        first, last = max(start, base), min(stop, end)
-        if first < last:
-            piece = {key: entry.get(key) for key in ("path", "format", "header")}
-            piece.update(first=first - base, count=last - first)
-            piece.update(_locate(entry, first - base, last - base))
-            pieces.append(piece)
-        base = end
-        if base >= stop:
-            break
-    return pieces
+class RowIndex:
+    """Finds the rows of a partition in the planned files by bisection (files, then row groups
+    or chunks), so building a descriptor costs O(log) however many files and chunks there are."""
+
+    def __init__(self, entries: list[dict]):
+        self.entries = entries
+        self.firsts = [entry["first_row"] for entry in entries]
+
+    def segments(self, start: int, stop: int) -> list[dict]:
+        """The per-file pieces of global rows ``[start, stop)`` (files in order, rows concatenated):
+        ``{path, format, header, first, count}`` plus where to begin reading (``row_groups`` for
+        parquet; ``offset`` and ``skip`` for text)."""
+        pieces = []
+        for entry in self.entries[max(bisect.bisect_right(self.firsts, start) - 1, 0) :]:
+            base = entry["first_row"]
+            if base >= stop:
+                break
+            first, last = max(start, base), min(stop, base + entry["rows"])
+            if first < last:
+                piece = {key: entry.get(key) for key in ("path", "format", "header")}
+                piece.update(first=first - base, count=last - first)
+                piece.update(_locate(entry, first - base, last - base))
+                pieces.append(piece)
+        return pieces
 
 
 def _locate(entry: dict, first: int, last: int) -> dict:
+    """Where rows ``[first, last)`` of one file begin: the last group/chunk starting at or before
+    ``first`` (among several starting there, the last: the earlier ones are empty)."""
+    starts = entry["starts"]
+    index = bisect.bisect_right(starts, first) - 1
     if entry["format"] == "parquet":
-        groups, skip, base = [], 0, 0
-        for index, rows in enumerate(entry["row_groups"]):
-            if base < last and base + rows > first:
-                skip = skip if groups else first - base
-                groups.append(index)
-            base += rows
-        return {"row_groups": groups, "skip": skip}
-    base = 0
-    for offset, rows in entry["chunks"]:
-        if first < base + rows:
-            return {"offset": offset, "skip": first - base}
-        base += rows
-    raise ValueError(f"row {first} is past the end of {entry['path']} ({base} rows)")
+        sizes = entry["row_groups"]
+        groups = list(itertools.takewhile(lambda i: starts[i] < last, range(index, len(starts))))
+        return {"row_groups": [i for i in groups if sizes[i] > 0], "skip": first - starts[index]}
+    return {"offset": entry["chunks"][index][0], "skip": first - starts[index]}
 
 
 def read_segment(piece: dict, storage_options: dict) -> list[dict | str]:
