@@ -35,7 +35,7 @@ from pipelines.output import (
 from pipelines.progress import ProgressBar
 from pipelines.settings import check_annotate_settings, check_output
 from pipelines.sources import Plan, plan_source, read_partition
-from shards.commit import join, remove_leftovers, write_json_atomic
+from shards.commit import join, read_records, remove_leftovers, write_json_atomic
 from shards.writer import STATUS_FAILED, STATUS_REJECTED, ShardWriter, write_manifest
 
 PLAN_FILE = "plan.json"
@@ -255,7 +255,6 @@ def make_datasink(output: str, writer_options: dict, job: str = ""):
 
         def on_write_complete(self, write_result) -> None:
             self.results = [result for returns in write_result.write_returns for result in returns]
-            write_manifest(output, writer_options.get("storage_options"))
 
     return HumanVerseDatasink()
 
@@ -310,13 +309,14 @@ def run_job(
     with OutputLock(output, storage_options):
         check_job_file(output, job, overwrite, storage_options)
         fs, root = fsspec.core.url_to_fs(output, **storage_options)
-        if removed := remove_leftovers(fs, root):
+        records = read_records(fs, root)  # read once for the decisions below
+        if removed := remove_leftovers(fs, root, records):
             print(f"[annotate] removed {len(removed)} file(s) an interrupted write left (e.g. {removed[0]})")
-        if overwrite and (dropped := remove_partitions_beyond(output, storage_options, plan.partitions)):
+        if overwrite and (dropped := remove_partitions_beyond(output, storage_options, plan.partitions, records)):
             print(f"[annotate] --overwrite: removed {len(dropped)} partition(s) the new plan does not produce")
-        done = set() if overwrite else complete_partitions(output, storage_options, job_id)
+        done = set() if overwrite else complete_partitions(output, storage_options, job_id, records)
         if retry_failed:
-            done -= partitions_with_transient_failures(output, storage_options)
+            done -= partitions_with_transient_failures(output, storage_options, records)
         todo = [partition for partition in range(plan.partitions) if partition not in done]
         already = plan.partitions - len(todo)
         print(f"[annotate] {plan.inputs} inputs in {plan.partitions} partitions: {already} complete, {len(todo)} to do")
@@ -325,8 +325,9 @@ def run_job(
         if todo:
             _init_ray(address)
             results = _annotate_and_write(plan, todo, output, config, filters, job_id, show_progress)
-        remove_leftovers(fs, root)  # what killed attempts of this run left: no writer runs now
-        manifest = write_manifest(output, storage_options)
+        records = read_records(fs, root)
+        remove_leftovers(fs, root, records)  # what killed attempts of this run left: no writer runs now
+        manifest = write_manifest(output, storage_options, records)
         report = build_report(output, manifest, results, time.perf_counter() - started, listing_s)
         write_json_atomic(fs, join(root, REPORT_FILE), report)
     return report

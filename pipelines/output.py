@@ -17,19 +17,20 @@ from shards.writer import STATUS_FAILED
 JOB_FILE = "job.json"
 
 
-def complete_partitions(output: str, storage_options: dict, job: str) -> set[int]:
-    """Partitions committed by this job (same fingerprint): what a rerun skips."""
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    return {partition for partition, record in read_records(fs, root).items() if record.get("job") == job}
+def complete_partitions(output: str, storage_options: dict, job: str, records: dict | None = None) -> set[int]:
+    """Partitions committed by this job (same fingerprint): what a rerun skips. ``records``: the
+    output's commit records when the caller has read them already."""
+    records = _records(output, storage_options) if records is None else records
+    return {partition for partition, record in records.items() if record.get("job") == job}
 
 
-def partitions_with_transient_failures(output: str, storage_options: dict) -> set[int]:
+def partitions_with_transient_failures(output: str, storage_options: dict, records: dict | None = None) -> set[int]:
     """Committed partitions with a failed row whose reason is transient (what --retry-failed redoes)."""
     import pyarrow.parquet as pq
 
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     retry = set()
-    for partition, record in read_records(fs, root).items():
+    for partition, record in (read_records(fs, root) if records is None else records).items():
         for part in record["parts"]:
             with fs.open(join(root, part["shard"] + ".parquet"), "rb") as handle:
                 rows = pq.read_table(handle, columns=["status", "reason"], use_threads=False).to_pylist()
@@ -102,13 +103,18 @@ def _listing_change(before: dict | None, after: dict) -> str:
     return "; ".join(parts) + f" (fingerprint {str(before.get('fingerprint'))[:12]} → {after['fingerprint'][:12]})"
 
 
-def remove_partitions_beyond(output: str, storage_options: dict, partitions: int) -> list[int]:
+def remove_partitions_beyond(
+    output: str, storage_options: dict, partitions: int, records: dict | None = None
+) -> list[int]:
     """--overwrite: drop the committed partitions the new plan does not produce (a smaller
-    partition_size, a shorter list), record first so no reader trusts a half-removed one."""
+    partition_size, a shorter list), record first so no reader trusts a half-removed one; they
+    leave ``records`` too when it is given."""
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    records = read_records(fs, root) if records is None else records
     dropped = []
-    for partition, record in read_records(fs, root).items():
+    for partition, record in list(records.items()):
         if partition >= partitions:
+            del records[partition]
             fs.rm(join(root, record_name(partition)))
             for part in record["parts"]:
                 for extension in ("tar", "parquet"):
@@ -116,3 +122,8 @@ def remove_partitions_beyond(output: str, storage_options: dict, partitions: int
                         fs.rm(path)
             dropped.append(partition)
     return dropped
+
+
+def _records(output: str, storage_options: dict) -> dict[int, dict]:
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    return read_records(fs, root)

@@ -14,6 +14,8 @@ import fsspec
 from shards.commit import RECORD_SUFFIX, join
 from shards.writer import STATUSES
 
+VERSION_FIELDS = ("ino", "mtime", "size", "ETag", "LastModified", "created")
+
 
 class StatsScanner:
     """Sums the counts of commit records written since it was created (a record replaced by a
@@ -23,14 +25,24 @@ class StatsScanner:
         self.fs, self.root = fsspec.core.url_to_fs(output, **(storage_options or {}))
         self.counts: Counter = Counter()
         self.seen: set[tuple[str, int]] = set()
+        self.versions: dict[str, tuple] = {}  # record name → the listing's version of it last read
         self.scan()
         self.counts.clear()  # what was there before counts as done, not as progress
 
-    def _records(self) -> list[str]:
-        return [posixpath.basename(p) for p in self.fs.glob(join(self.root, "*" + RECORD_SUFFIX))]
+    def _changed(self) -> list[str]:
+        """Records new or replaced since the last scan, judged from the listing alone (a record is
+        replaced by a rename or a PUT, which changes its inode/mtime/ETag), so a poll reads only those."""
+        changed = []
+        for path, info in self.fs.glob(join(self.root, "*" + RECORD_SUFFIX), detail=True).items():
+            name = posixpath.basename(path)
+            version = tuple(str(info.get(key)) for key in VERSION_FIELDS)
+            if self.versions.get(name) != version:
+                changed.append(name)
+                self.versions[name] = version
+        return changed
 
     def scan(self) -> Counter:
-        for name in self._records():
+        for name in self._changed():
             try:
                 with self.fs.open(join(self.root, name), "r") as handle:
                     record = json.load(handle)
@@ -39,7 +51,7 @@ class StatsScanner:
                     self.counts.update(record["counts"])
                     self.seen.add(seen)
             except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # replaced while we read it: picked up on the next scan
+                self.versions.pop(name, None)  # replaced while we read it: read again on the next scan
         return self.counts
 
 

@@ -81,16 +81,27 @@ def read_record(fs, root: str, partition: int) -> dict | None:
     return record if _well_formed(record) else None
 
 
+# The fields of a commit record and of each of its parts, with their JSON types (validate checks
+# them all; readers need those in READ_FIELDS / READ_PART_FIELDS).
+RECORD_FIELDS = {
+    "format": str, "partition": int, "generation": int, "job": str, "samples": int, "rows": int, "counts": dict,
+    "parts": list,
+}  # fmt: skip
+PART_FIELDS = {
+    "shard": str, "part": int, "samples": int, "rows": int, "counts": dict, "tar_bytes": int, "tar_sha256": str,
+    "parquet_bytes": int, "parquet_sha256": str, "members": dict,
+}  # fmt: skip
+READ_FIELDS = ("parts", "generation", "counts")
+READ_PART_FIELDS = ("shard", "part", "samples", "rows", "counts", "tar_bytes")
+
+
 def _well_formed(record) -> bool:
     """The fields readers rely on are there with their types (validate says what is wrong)."""
-    if not isinstance(record, dict) or not isinstance(record.get("parts"), list):
+    if not isinstance(record, dict) or not all(isinstance(record.get(n), RECORD_FIELDS[n]) for n in READ_FIELDS):
         return False
-    if not isinstance(record.get("generation"), int) or not isinstance(record.get("counts"), dict):
-        return False
-    part_fields = {"shard": str, "part": int, "samples": int, "rows": int, "counts": dict, "tar_bytes": int}
     return all(
         isinstance(part, dict)
-        and all(isinstance(part.get(name), kind) for name, kind in part_fields.items())
+        and all(isinstance(part.get(name), PART_FIELDS[name]) for name in READ_PART_FIELDS)
         and PART_PATTERN.fullmatch(part["shard"] + ".tar") is not None  # never a path outside the root
         for part in record["parts"]
     )
@@ -142,10 +153,10 @@ def leftovers(fs, root: str, records: dict[int, dict] | None = None) -> tuple[li
     return sorted(temporaries), sorted(orphans)
 
 
-def remove_leftovers(fs, root: str) -> list[str]:
+def remove_leftovers(fs, root: str, records: dict[int, dict] | None = None) -> list[str]:
     """Remove what killed writers left. Only safe while no writer runs on ``root``: the job
     calls it holding the output lock, before its writers start and after they have all ended."""
-    temporaries, orphans = leftovers(fs, root)
+    temporaries, orphans = leftovers(fs, root, records)
     for path in temporaries + orphans:
         fs.rm(path)
     return [posixpath.basename(path) for path in temporaries + orphans]

@@ -17,7 +17,9 @@ import fsspec
 
 from shards import tario
 from shards.commit import (
+    PART_FIELDS,
     PART_PATTERN,
+    RECORD_FIELDS,
     RECORD_PATTERN,
     RECORD_SUFFIX,
     join,
@@ -34,15 +36,6 @@ from shards.sample import (
 from shards.validate_parts import Problem, read_parquet_part, read_tar_part
 from shards.writer import MANIFEST_NAME, STATUSES
 
-# The fields of a commit record and of each of its parts, with their JSON types.
-RECORD_FIELDS = {
-    "format": str, "partition": int, "generation": int, "job": str, "samples": int, "rows": int, "counts": dict,
-    "parts": list,
-}  # fmt: skip
-PART_FIELDS = {
-    "shard": str, "part": int, "samples": int, "rows": int, "counts": dict, "tar_bytes": int, "tar_sha256": str,
-    "parquet_bytes": int, "parquet_sha256": str, "members": dict,
-}  # fmt: skip
 # What each part field of a record is compared with, in words.
 _MEASURED = {
     "samples": "samples in the tar",

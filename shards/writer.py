@@ -288,10 +288,11 @@ class ShardWriter:
                 self.fs.rm(path)
 
 
-def write_manifest(output: str, storage_options: dict | None = None) -> dict:
-    """(Re)build ``manifest.json`` from the commit records under ``output`` (written atomically)."""
+def write_manifest(output: str, storage_options: dict | None = None, records: dict | None = None) -> dict:
+    """(Re)build ``manifest.json`` from the commit records under ``output`` (written atomically;
+    ``records`` when the caller has just read them)."""
     fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
-    records = read_records(fs, root)
+    records = read_records(fs, root) if records is None else records
     shards = [
         {
             "shard": part["shard"],
