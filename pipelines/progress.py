@@ -33,6 +33,7 @@ class StatsScanner:
         """Records new or replaced since the last scan, judged from the listing alone (a record is
         replaced by a rename or a PUT, which changes its inode/mtime/ETag), so a poll reads only those."""
         changed = []
+        self.fs.invalidate_cache(self.root)  # the workers write the records: a cached listing is stale
         for path, info in self.fs.glob(join(self.root, "*" + RECORD_SUFFIX), detail=True).items():
             name = posixpath.basename(path)
             version = tuple(str(info.get(key)) for key in VERSION_FIELDS)

@@ -108,7 +108,9 @@ def _well_formed(record) -> bool:
 
 
 def read_records(fs, root: str) -> dict[int, dict]:
-    """Every readable commit record under ``root``, by partition id."""
+    """Every readable commit record under ``root``, by partition id. Records are written by other
+    processes (the job's workers), so a listing this process cached (s3fs does) is dropped first."""
+    fs.invalidate_cache(root)
     records = {}
     for path in sorted(fs.glob(join(root, "*" + RECORD_SUFFIX))):
         match = RECORD_PATTERN.fullmatch(posixpath.basename(path))
