@@ -28,6 +28,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from hyperhuman.unet_parts import remove_parts
+
 BRANCHES = ("rgb", "depth", "normal")
 _UNET_DEFAULTS = inspect.signature(UNet2DConditionModel.__init__).parameters
 MERGES = ("mean", "weighted")
@@ -73,6 +75,8 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
             ``hyperhuman lsdm-stats`` so each modality matches the RGB latent distribution.
         pose_renderer: the :data:`hyperhuman.skeleton.RENDERER_VERSION` of the pose renders the model
             was trained on (recorded by ``train-lsdm``; the pipeline warns when it renders with another).
+        removed_parts: ResNets and attentions taken out of the architecture (a distilled student's,
+            e.g. ``branch.rgb.down_blocks.0.attentions.1``; see :mod:`hyperhuman.unet_parts`).
     """
 
     _supports_gradient_checkpointing = True
@@ -88,6 +92,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         pose_channels: int = 4,
         latent_norm: dict | None = None,
         pose_renderer: str | None = None,
+        removed_parts: list[str] | None = None,
     ):
         super().__init__()
         unet = dict(unet)
@@ -101,6 +106,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         self.trunk = source
         if merge == "weighted":
             self.merge_weights = nn.Parameter(torch.full((len(branches),), 1.0 / len(branches)))
+        remove_parts(self, removed_parts or [])
 
     # --- construction from a pretrained SD-style UNet ------------------------------------------
     @classmethod

@@ -1,0 +1,59 @@
+"""Fixtures of the distillation tests: toy shards and a toy teacher run folder (``pipeline/`` as
+``train-lsdm`` writes it) whose UNet has two layers per block and three stages, so every BK-SDM
+student (base, small, tiny) and every SnapFusion edit has something to remove."""
+
+import pytest
+import torch
+
+from hyperhuman.lsdm.testing import IDENTITY_NORM, tiny_text_encoder, tiny_vae
+
+# SD's layout at toy size: attention in the high-resolution stages, none in the innermost.
+TEACHER_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (16, 32, 32),
+    "norm_num_groups": 8,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+}
+
+
+def teacher_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TEACHER_UNET, **overrides})
+
+
+def teacher_lsdm(seed: int = 0):
+    from hyperhuman.lsdm.model import LatentStructuralUNet
+
+    return LatentStructuralUNet.from_unet(teacher_unet(seed), latent_norm=dict(IDENTITY_NORM))
+
+
+@pytest.fixture(scope="session")
+def distill_shards(tmp_path_factory):
+    """Six toy samples (24×32, one or two people) in two complete shards with a manifest."""
+    from shards.writer import write_manifest
+    from tests.hyperhuman.conftest import write_toy_shards
+
+    root = write_toy_shards(tmp_path_factory.mktemp("distill-shards"), count=6, per_shard=3)
+    write_manifest(str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A run folder holding ``pipeline/``: the toy teacher LSDM with a toy VAE and text encoder."""
+    from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
+
+    tokenizer, text_encoder = tiny_text_encoder(0)
+    components = {"vae": tiny_vae(0), "text_encoder": text_encoder, "tokenizer": tokenizer}
+    pipeline = HyperHumanPipeline(**components, unet=teacher_lsdm(0), scheduler=make_scheduler())
+    run = tmp_path_factory.mktemp("teacher-run")
+    pipeline.save_pretrained(run / "pipeline")
+    return run
