@@ -38,8 +38,12 @@ import torch
 from torch import nn
 
 RUNTIMES = ("eager", "compiled", "bf16")
-CACHE = Path(os.environ.get("HYPERHUMAN_CACHE", Path.home() / ".cache" / "hyperhuman")) / "latency"
 TABLE_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """Where tables live: ``$HYPERHUMAN_CACHE/latency`` (default ``~/.cache/hyperhuman/latency``)."""
+    return Path(os.environ.get("HYPERHUMAN_CACHE", Path.home() / ".cache" / "hyperhuman")) / "latency"
 
 
 # -- which modules are blocks ------------------------------------------------------------------
@@ -221,7 +225,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path | None = None) -> LatencyTable:
         info = machine()
-        path = Path(path) if path else CACHE / f"{machine_id(info)}.json"
+        path = Path(path) if path else cache_dir() / f"{machine_id(info)}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             if data.get("format") == TABLE_FORMAT and data.get("machine") == info:
@@ -229,7 +233,7 @@ class LatencyTable:
         return cls(info, {}, path)
 
     def save(self, path: str | Path | None = None) -> Path:
-        path = Path(path or self.path or CACHE / f"{machine_id(self.machine)}.json")
+        path = Path(path or self.path or cache_dir() / f"{machine_id(self.machine)}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"format": TABLE_FORMAT, "machine": self.machine, "entries": self.entries},

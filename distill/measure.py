@@ -294,10 +294,9 @@ def unit_range(name: str, output: np.ndarray) -> np.ndarray:
 
 
 # --- latency -------------------------------------------------------------------------------------
-def step_ms(pipeline: HyperHumanPipeline, heldout: HeldOut, runtime: str = "eager", repeats: int = 5) -> float:
-    """Median milliseconds of one denoiser call at batch 2 (one guided step at batch 1) at the
-    held-out resolution on ``runtime`` (see :mod:`distill.latency`)."""
-    from distill.latency import measure_step
+def step_inputs(pipeline: HyperHumanPipeline, heldout: HeldOut) -> dict:
+    """One guided step's denoiser inputs at the held-out resolution: batch 2 (the unconditional and
+    the conditional half), what :func:`step_ms` times and the latency table measures blocks at."""
     from hyperhuman.text import encode_prompts
 
     unet = pipeline.unet
@@ -306,14 +305,22 @@ def step_ms(pipeline: HyperHumanPipeline, heldout: HeldOut, runtime: str = "eage
     states, mask = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, ["", heldout.captions[0]])
     latent = torch.cat([heldout.noise[name][:1] for name in names], dim=1)
     pose_latent = unet.normalize("pose", heldout.latents["pose"][:1])
-    inputs = {
+    return {
         "sample": latent.repeat(2, 1, 1, 1).to(device, dtype),
         "timestep": heldout.timesteps[0].to(device),
         "encoder_hidden_states": states.to(device, dtype),
         "pose_latent": pose_latent.repeat(2, 1, 1, 1).to(device, dtype),
         "encoder_attention_mask": mask.to(device),
     }
-    return measure_step(unet, inputs, runtime, warmup=1, repeats=repeats)  # one call compiles, if compiled
+
+
+def step_ms(pipeline: HyperHumanPipeline, heldout: HeldOut, runtime: str = "eager", repeats: int = 5) -> float:
+    """Median milliseconds of one denoiser call at batch 2 (one guided step at batch 1) at the
+    held-out resolution on ``runtime`` (see :mod:`distill.latency`)."""
+    from distill.latency import measure_step
+
+    inputs = step_inputs(pipeline, heldout)
+    return measure_step(pipeline.unet, inputs, runtime, warmup=1, repeats=repeats)  # one call compiles, if compiled
 
 
 # --- everything at once --------------------------------------------------------------------------

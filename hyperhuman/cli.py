@@ -8,6 +8,7 @@ takes ``--set key=value`` overrides. Heavy imports happen inside the commands so
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -181,6 +182,52 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_unet(args: argparse.Namespace) -> int:
+    from distill.kd import distill_unet
+
+    config = load_config(args.config, args.overrides)
+    report = distill_unet(config, resume=args.resume)
+    if "last_loss" in report:
+        params = report["params"]
+        print(f"[distill unet] {report['steps']} steps in {report['wall_s']} s; loss {report['first_loss']:.4f} → "
+              f"{report['last_loss']:.4f}; student {params['student']:,} parameters (teacher {params['teacher']:,}); "
+              f"pipeline in {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
+def _distill_measure(args: argparse.Namespace) -> int:
+    from distill.measure import measure
+
+    result = measure(
+        args.model, args.shards, reference=args.reference, num=args.num, steps=args.steps, runtime=args.runtime
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _distill_evolve(args: argparse.Namespace) -> int:
+    from distill.evolve import evolve, write
+    from distill.latency import LatencyTable
+    from distill.measure import HeldOut, load_pipeline
+    from hyperhuman.unet_parts import removable_parts
+
+    pipeline = load_pipeline(args.model)
+    heldout = HeldOut.from_shards(args.shards, pipeline, num=args.num)
+    removable = removable_parts(pipeline.unet)
+    candidates = [part for part in removable if fnmatch.fnmatchcase(part, args.parts)]
+    if not candidates:
+        raise ConfigError(f"--parts {args.parts!r} matches no removable part; they are named like {removable[:3]}")
+    evolution = evolve(pipeline, heldout, LatencyTable.load(), runtime=args.runtime, budget=args.budget,
+                       candidates=candidates, repeats=args.repeats)  # fmt: skip
+    path = write(evolution, args.output or os.path.join(args.model, "evolve"))
+    met = "met" if evolution.budget_met else "NOT met (every removable part is out)"
+    print(f"[distill evolve] {len(evolution.removed)} parts out: {evolution.full_ms:.1f} → "
+          f"{evolution.latency_ms:.1f} ms predicted on {args.runtime} (budget {evolution.budget_ms:.1f} ms, {met}); "
+          f"held-out v-loss {evolution.base_loss:.4f} → {evolution.loss:.4f}; {path}")  # fmt: skip
+    print(f"[distill evolve] next: hyperhuman distill unet --set student={path} --set teacher=...")
+    return 0
+
+
 def _gallery_shards(args: argparse.Namespace) -> int:
     from hyperhuman.eval.gallery import shard_gallery
 
@@ -279,6 +326,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(evaluate, "eval/default")
     evaluate.set_defaults(func=_eval)
 
+    distill_parser = commands.add_parser("distill", help="make the models mobile-sized (students, KD, quality measure)")
+    stages = distill_parser.add_subparsers(dest="distill_command", required=True, metavar="STAGE")
+    unet = stages.add_parser(
+        "unet", help="train a student LSDM (BK-SDM block removal or evolved) by KD from a teacher run folder"
+    )
+    unet.add_argument(
+        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
+    )
+    _add_config_options(unet, "distill/unet-tiny")
+    unet.set_defaults(func=_distill_unet)
+    quality = stages.add_parser(
+        "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
+    )
+    quality.add_argument("--model", required=True, help="a run folder with pipeline/, or a pipeline folder")
+    quality.add_argument("--reference", default=None, help="a run or pipeline folder to compare samples with")
+    quality.add_argument("--shards", required=True, help="HumanVerse shards: the held-out samples (first --num)")
+    quality.add_argument("--num", type=int, default=16, help="held-out samples (default: 16)")
+    quality.add_argument("--steps", type=int, default=8, help="sampling steps of the PSNR comparison (default: 8)")
+    quality.add_argument(
+        "--runtime", default="eager", choices=["eager", "compiled", "bf16"], help="runtime of step_ms (default: eager)"
+    )
+    quality.set_defaults(func=_distill_measure)
+    search = stages.add_parser(
+        "evolve", help="SnapFusion architecture evolving: which parts of a robust-trained LSDM to remove for a budget"
+    )
+    search.add_argument("--model", required=True, help="the robust-trained run (distill unet with kd.skip_prob > 0)")
+    search.add_argument("--shards", required=True, help="HumanVerse shards: the held-out samples (first --num)")
+    search.add_argument("--num", type=int, default=16, help="held-out samples (default: 16)")
+    search.add_argument("--budget", type=float, default=0.4, help="latency budget: a fraction of the step (0.4)")
+    search.add_argument(
+        "--runtime", default="eager", choices=["eager", "compiled", "bf16"], help="the latency table's runtime"
+    )
+    search.add_argument(
+        "--parts", default="*", help="only parts whose names match this glob, e.g. '*attentions*' (default: all)"
+    )
+    search.add_argument("--repeats", type=int, default=10, help="timed calls per block and part (default: 10)")
+    search.add_argument("--output", default=None, help="folder for evolve.json (default: MODEL/evolve)")
+    search.set_defaults(func=_distill_evolve)
+
     gallery_parser = commands.add_parser("gallery", help="static HTML galleries of shards or of an eval run")
     gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True, metavar="KIND")
     shards_gallery = gallery_commands.add_parser("shards", help="kept samples with every modality, and rejected rows")
@@ -323,6 +409,7 @@ RESUME_HINTS = {
     "demo": "rerun the same command to resume (completed work is kept)",
     "train-lsdm": "rerun it with --resume latest to continue from the last checkpoint",
     "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
+    "distill": "for `distill unet`, rerun it with --resume latest to continue from the last checkpoint",
 }
 
 

@@ -138,16 +138,20 @@ def image_grid(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
     return grid
 
 
-def make_accelerator(train: dict, output: Path):
-    """accelerate with the recipe's accumulation and precision, TensorBoard logs in ``OUTPUT/logs``."""
+def make_accelerator(train: dict, output: Path, find_unused_parameters: bool = False):
+    """accelerate with the recipe's accumulation and precision, TensorBoard logs in ``OUTPUT/logs``.
+    ``find_unused_parameters``: some parameters get no gradient in some steps (blocks skipped at
+    random), which data-parallel training must be told."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(
         gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
         mixed_precision=train.get("mixed_precision", "no"),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        kwargs_handlers=handlers,
     )
 
 

@@ -44,6 +44,12 @@ def check_shards(config):
     assert set(config) == set(SHARDS_KEYS)
 
 
+def check_distill_unet(config):
+    from distill.kd import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_demo(config):
     """Each stage's config with the demo's overrides passes that stage's own checks."""
     from hyperhuman.config import apply_overrides
@@ -59,6 +65,7 @@ CHECKS = {
     "vae/": check_vae,
     "eval/": check_eval,
     "annotate/": check_annotate,
+    "distill/unet": check_distill_unet,
     "shards": check_shards,
     "demo": check_demo,
 }
@@ -82,14 +89,15 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 
 def recipe_schemas():
+    from distill.kd import KNOWN_KEYS as DISTILL_UNET
     from hyperhuman.lsdm.train import KNOWN_KEYS as LSDM
     from hyperhuman.sgr.train import KNOWN_KEYS as SGR
     from hyperhuman.vae import KNOWN_KEYS as VAE
 
-    return {"lsdm/tiny": LSDM, "sgr/tiny": SGR, "vae/tiny": VAE}
+    return {"lsdm/tiny": LSDM, "sgr/tiny": SGR, "vae/tiny": VAE, "distill/unet-tiny": DISTILL_UNET}
 
 
-@pytest.mark.parametrize("name", ["lsdm/tiny", "sgr/tiny", "vae/tiny"])
+@pytest.mark.parametrize("name", ["lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny"])
 def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
     config = load_config(name)
     undocumented = []
@@ -104,7 +112,7 @@ def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
 
 
 def test_one_vocabulary_across_the_training_recipes():
-    for name in ("lsdm/tiny", "sgr/tiny", "vae/tiny"):
+    for name in ("lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny"):
         config = load_config(name)
         assert isinstance(config["seed"], int), name
         for key in ("batch_size", "max_train_steps", "learning_rate"):

@@ -192,8 +192,9 @@ def run_latent_norm(accelerator, config: dict, vae, names: list[str], resuming: 
 
 
 # --- training --------------------------------------------------------------------------------------
-def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
-    """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
+def noisy_latents(scheduler, latents: dict, names, generator) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """One timestep per sample shared by all branches, independent noise per branch: the stacked
+    noisy latents, each branch's velocity target and the timesteps."""
     first = latents[names[0]]
     batch = first.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
@@ -203,12 +204,33 @@ def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose
         noise = torch.randn(latents[name].shape, generator=generator).to(first.device)
         noisy.append(scheduler.add_noise(latents[name], noise, timesteps))
         targets.append(scheduler.get_velocity(latents[name], noise, timesteps))
-    prediction = model(torch.cat(noisy, dim=1), timesteps, states, pose_latent=pose_latent, encoder_attention_mask=mask)
-    losses = [
-        F.mse_loss(p.float(), t.float())
-        for p, t in zip(prediction.sample.chunk(len(names), dim=1), targets, strict=True)
-    ]
+    return torch.cat(noisy, dim=1), targets, timesteps
+
+
+def branch_losses(prediction: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """MSE of each branch's slice of a stacked prediction against its target."""
+    chunks = prediction.chunk(len(targets), dim=1)
+    return [F.mse_loss(p.float(), t.float()) for p, t in zip(chunks, targets, strict=True)]
+
+
+def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
+    """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
+    noisy, targets, timesteps = noisy_latents(scheduler, latents, names, generator)
+    prediction = model(noisy, timesteps, states, pose_latent=pose_latent, encoder_attention_mask=mask)
+    losses = branch_losses(prediction.sample, targets)
     return sum(w * loss for w, loss in zip(weights, losses, strict=True)), [loss.item() for loss in losses]
+
+
+def drop_conditions(states, mask, pose_latent, empty_states, empty_mask, text_dropout, pose_dropout, generator):
+    """Classifier-free guidance's training half: the text (and, if asked, the pose) of a random
+    share of the samples replaced by the empty prompt (zeros)."""
+    batch_size = states.shape[0]
+    drop_text = torch.rand(batch_size, generator=generator) < text_dropout
+    drop_pose = torch.rand(batch_size, generator=generator) < pose_dropout
+    states = torch.where(drop_text[:, None, None].to(states.device), empty_states, states)
+    mask = torch.where(drop_text[:, None].to(mask.device), empty_mask, mask)
+    pose_latent = pose_latent * (~drop_pose).float()[:, None, None, None].to(pose_latent.device)
+    return states, mask, pose_latent
 
 
 def train_lsdm(config: dict, resume: str | None = None) -> dict:
@@ -269,12 +291,9 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         with accelerator.accumulate(model):
             latents = cached_latents(cache, batch, vae, accelerator.unwrap_model(model), names, generator)
             states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], accelerator.device)
-            batch_size = states.shape[0]
-            drop_text = torch.rand(batch_size, generator=generator) < text_dropout
-            drop_pose = torch.rand(batch_size, generator=generator) < pose_dropout
-            states = torch.where(drop_text[:, None, None].to(states.device), empty_states, states)
-            mask = torch.where(drop_text[:, None].to(mask.device), empty_mask, mask)
-            pose_latent = latents["pose"] * (~drop_pose).float()[:, None, None, None].to(latents["pose"].device)
+            states, mask, pose_latent = drop_conditions(
+                states, mask, latents["pose"], empty_states, empty_mask, text_dropout, pose_dropout, generator
+            )
             loss, branch_losses = v_prediction_loss(
                 model, noise_scheduler, latents, names, states, mask, pose_latent, generator, weights
             )
