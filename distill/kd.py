@@ -15,7 +15,9 @@ The student is a BK-SDM variant (``bk-base``, ``bk-small``, ``bk-tiny``), the pa
 architecture evolving (an ``evolve.json`` from ``hyperhuman distill evolve``, or ``{remove: [...]}``),
 or ``teacher`` (a copy: with ``kd.skip_prob > 0`` this is SnapFusion's robust training, each
 removable ResNet and attention bypassed at random in every step so the network stays usable with
-any of them removed; ``distill evolve`` then scores removals on it).
+any of them removed; ``distill evolve`` then scores removals on it). The kept weights come from the
+teacher, or from ``student_init`` (a run of the teacher's architecture, e.g. the robust-trained
+one an evolved student was searched on).
 
 Same recipe qualities as ``train-lsdm``: accelerate (multi-process), EMA, checkpoints with exact
 ``--resume``, TensorBoard, validation grids (``validation/teacher.png`` once, then
@@ -53,6 +55,7 @@ KNOWN_KEYS = {
     "seed": None,
     "teacher": None,
     "student": None,
+    "student_init": None,
     "data": {**DATA_KEYS, "cache_latents": None},
     "kd": dict.fromkeys(["task_weight", "output_weight", "feature_weight", "feature_norm", "skip_prob"]),
     "train": {**TRAIN_KEYS, **dict.fromkeys(["condition_dropout", "pose_dropout"])},
@@ -90,6 +93,9 @@ def check_config(config: dict, check_paths: bool = True) -> None:
                 "stage writes): --set teacher=runs/NAME"
             )
         student_spec(config["student"])
+        init = config.get("student_init")
+        if init is not None and not (Path(init) / "pipeline" / "model_index.json").is_file():
+            raise ConfigError(f"student_init={init!r} is not a run folder with pipeline/; null = the teacher's weights")
         check_data(config["data"])
 
 
@@ -191,7 +197,14 @@ def distill_unet(config: dict, resume: str | None = None) -> dict:
     scheduler_config = {k: v for k, v in teacher_pipeline.scheduler.config.items() if not k.startswith("_")}
     noise_scheduler = teacher_pipeline.scheduler
     spec = student_spec(config["student"])
-    student = make_student(teacher, {"remove": []} if spec == "teacher" else spec)
+    source = teacher if config.get("student_init") is None else load_pipeline(config["student_init"]).unet
+    if architecture(source) != architecture(teacher):
+        raise ConfigError(
+            f"student_init={config['student_init']!r} is not of the teacher's architecture (its UNet config differs); "
+            "it must be the run the student's edits were chosen on (e.g. the robust-trained copy of the teacher)"
+        )
+    student = make_student(source, {"remove": []} if spec == "teacher" else spec)
+    del source
     pairs = feature_pairs(student, teacher)
     skip_candidates = removable_parts(student) if skip_prob else []
     check_resolution(data["resolution"], teacher_pipeline.vae_scale_factor, 2**student.trunk.num_upsamplers)
@@ -307,6 +320,13 @@ def distill_unet(config: dict, resume: str | None = None) -> dict:
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
+
+
+def architecture(model) -> dict:
+    """A model's config without bookkeeping (``_``-keys), no removed parts written as ``[]``."""
+    config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
+    config["removed_parts"] = list(config.get("removed_parts") or [])
+    return json.loads(json.dumps(config))  # tuples and lists alike
 
 
 def _count(model: torch.nn.Module) -> int:

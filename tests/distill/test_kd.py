@@ -87,11 +87,15 @@ def test_robust_training_bypasses_parts_at_random_and_an_edited_student_trains(t
     evolved = tmp_path / "evolve.json"
     removed = ["branch.rgb.down_blocks.0.attentions.1", "trunk.up_blocks.1.attentions.2"]
     evolved.write_text(json.dumps({"student": {"remove": removed}}))
-    config = config_for(tmp_path / "edited", tmp_path / "robust", distill_shards, student=str(evolved))
-    config["train"]["max_train_steps"], config["validation"] = 2, {}
-    report = distill_unet(config)
+    config = config_for(tmp_path / "edited", teacher_run, distill_shards, student=str(evolved))
+    config["student_init"] = str(tmp_path / "robust")  # the weights the edits were chosen on
+    config["train"].update(max_train_steps=1, learning_rate=0.0, ema={"use": False})
+    config["validation"] = {}
+    distill_unet(config)
     unet = HyperHumanPipeline.from_pretrained(tmp_path / "edited" / "pipeline").unet
+    robust = HyperHumanPipeline.from_pretrained(tmp_path / "robust" / "pipeline").unet.state_dict()
     assert unet.config.removed_parts == removed
+    assert all(torch.equal(value, robust[key]) for key, value in unet.state_dict().items())  # kept from the robust run
 
 
 def test_the_feature_term_is_normalised_per_layer_by_the_teacher_scale():
