@@ -7,7 +7,8 @@ MMPOSE_STAMP   := $(VENV)/.setup-mmpose-done
 CHROMIUM_STAMP := $(VENV)/.setup-chromium-done
 SETUP_INPUTS   := pyproject.toml setup.py requirements/constraints.txt scripts/setup.sh scripts/check_env.py
 MMPOSE_INPUTS  := requirements/constraints.txt scripts/setup_mmpose.sh scripts/check_env.py
-BENCHMARKS     := $(sort $(wildcard bench/*.py))
+# bench/_*.py are helpers the benchmarks share (e.g. the cached bench teacher), not benchmarks.
+BENCHMARKS     := $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-mmpose setup-test demo test bench clean

@@ -44,6 +44,10 @@ def test_evolve_writes_the_action_log_and_a_student_spec(teacher_run, distill_sh
     assert code == 0
     assert "next: hyperhuman distill unet --set student=" in capsys.readouterr().out
     written = json.loads((tmp_path / "evolved" / "evolve.json").read_text())
-    assert written["budget_met"] and written["student"]["remove"] == written["removed"]
-    removed = [action["part"] for action in written["actions"] if action["action"] == "remove"]
-    assert removed and all(part.startswith("branch.") and ".down_blocks.0." in part for part in removed)
+    assert written["student"]["remove"] == written["removed"]
+    assert all(part.startswith("branch.") and ".down_blocks.0." in part for part in written["candidates"])
+    assert len(written["candidates"]) == 12  # 2 ResNets + 2 attentions in each branch's first stage
+    # timings are this machine's: the budget is met, or every candidate is out trying
+    assert written["budget_met"] == (written["latency_ms"] <= written["budget_ms"])
+    assert written["budget_met"] or sorted(written["removed"]) == sorted(written["candidates"])
+    assert written["removed"] and written["actions"][0]["action"] == "remove"

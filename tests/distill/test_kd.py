@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from distill.kd import check_config, distill_unet, feature_loss
 from hyperhuman.config import ConfigError
+from hyperhuman.eval.evaluate import run_eval
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
 
 
@@ -62,6 +63,9 @@ def test_kd_trains_a_bk_student_checkpoints_and_resumes_exactly(teacher_run, dis
     pose = {"width": 16, "height": 16, "people": []}
     result = pipeline("a person", pose=pose, height=16, width=16, num_inference_steps=2, output_type="np")
     assert result.rgb.shape == (1, 16, 16, 3)
+    settings = {"num": 2, "num_inference_steps": 2, "batch_size": 2, "pose_resolution": 64}
+    evaluated = run_eval(str(output), str(distill_shards), str(tmp_path / "eval"), settings)  # hyperhuman eval
+    assert evaluated["info"]["samples"] == 2
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)

@@ -71,7 +71,8 @@ def free_port() -> int:
 
 
 def launch(command: str, config: dict, resume: str | None = None) -> dict:
-    """Run ``hyperhuman COMMAND`` in two CPU processes; the run's train_report.
+    """Run ``hyperhuman COMMAND`` (e.g. ``train-lsdm`` or ``distill unet``) in two CPU processes; the
+    run's train_report.
 
     ``accelerate launch --cpu --num_processes 2`` starts ONE process unless it is given an MPI
     hostfile (accelerate's simple launcher; huggingface/accelerate#2741). Two processes on one
@@ -87,7 +88,7 @@ def launch(command: str, config: dict, resume: str | None = None) -> dict:
         accelerate, "launch", "--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
         "--main_process_port", str(free_port()),
-        "-m", "hyperhuman", command, "--config", str(config_file), *(["--resume", resume] if resume else []),
+        "-m", "hyperhuman", *command.split(), "--config", str(config_file), *(["--resume", resume] if resume else []),
     ]  # fmt: skip
     env = {
         **os.environ,
