@@ -210,7 +210,9 @@ def distill_unet(config: dict, resume: str | None = None) -> dict:
     check_resolution(data["resolution"], teacher_pipeline.vae_scale_factor, 2**student.trunk.num_upsamplers)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, text_encoder, teacher):
-        frozen.requires_grad_(False).to(accelerator.device, weight_dtype)
+        frozen.requires_grad_(False).to(accelerator.device)
+        if weight_dtype != torch.float32:  # diffusers warns about a cast to the dtype a model already has
+            frozen.to(dtype=weight_dtype)
     if train.get("gradient_checkpointing"):
         student.enable_gradient_checkpointing()
 
