@@ -1,7 +1,7 @@
 """The mobile UNet: BK-SDM's students against SnapFusion's architecture evolving, from one teacher,
 side by side in one run on this CPU.
 
-    .venv/bin/python bench/mobile_unet.py [--kd-steps 400] [--robust-steps 300] [--budget 0.4]
+    .venv/bin/python bench/mobile_unet.py [--kd-steps 200] [--robust-steps 300] [--budget 0.4]
                                           [--search-runtime eager] [--no-sd2]
 
 1. The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
@@ -56,7 +56,7 @@ ERRORS = ("error_eager", "error_compiled")  # predicted / measured step − 1, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kd-steps", type=int, default=400)
+    parser.add_argument("--kd-steps", type=int, default=200)
     parser.add_argument("--robust-steps", type=int, default=300)
     parser.add_argument("--skip-prob", type=float, default=0.15)
     parser.add_argument("--budget", type=float, default=0.4)
