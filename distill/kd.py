@@ -29,6 +29,7 @@ teacher's VAE, text encoder and noise schedule with the student's UNet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -162,8 +163,6 @@ def skipped_parts(candidates: list[str], probability: float, generator: torch.Ge
 
 # --- the recipe ------------------------------------------------------------------------------------
 def distill_unet(config: dict, resume: str | None = None) -> dict:
-    import contextlib
-
     from distill.measure import HeldOut, load_pipeline, v_loss
     from distill.students import feature_pairs, make_student
     from hyperhuman.lsdm.data import Batches

@@ -237,8 +237,8 @@ def feature(output) -> torch.Tensor:
 def kept_modules(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
     """(student, teacher) pairs of every kept part and every other leaf-level module the copy maps
     (conv_in, samplers, heads, time embedding): what the exactness test runs side by side."""
-    names = [name for name, module in student.named_modules() if PART.match(name)]
-    names = [name for name in names if name not in removed_parts(student)]
+    removed = set(removed_parts(student))
+    names = [name for name, _ in student.named_modules() if PART.match(name) and name not in removed]
     names += [
         name
         for name, _ in student.named_modules()

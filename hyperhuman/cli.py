@@ -36,6 +36,20 @@ SHARDS_KEYS = {
 }
 
 
+def _add_resume_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
+    )
+
+
+def _add_heldout_options(parser: argparse.ArgumentParser, model_help: str, runtime_help: str) -> None:
+    """The options of the stages that read a model run and a held-out set (measure, evolve)."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--shards", required=True, help="HumanVerse shards: the held-out samples (first --num)")
+    parser.add_argument("--num", type=int, default=16, help="held-out samples (default: 16)")
+    parser.add_argument("--runtime", default="eager", choices=["eager", "compiled", "bf16"], help=runtime_help)
+
+
 def load_shards_config(args: argparse.Namespace) -> dict:
     config = load_config(args.config, args.overrides)
     check_known_keys(config, SHARDS_KEYS, "configs/shards.yaml")
@@ -298,16 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     lsdm_stats.set_defaults(func=_lsdm_stats)
 
     train_lsdm = commands.add_parser("train-lsdm", help="train the Latent Structural Diffusion Model on shards")
-    train_lsdm.add_argument(
-        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
-    )
+    _add_resume_option(train_lsdm)
     _add_config_options(train_lsdm, "lsdm/tiny")
     train_lsdm.set_defaults(func=_train_lsdm)
 
     train_sgr = commands.add_parser("train-sgr", help="train the Structure-Guided Refiner on shards (base UNet frozen)")
-    train_sgr.add_argument(
-        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
-    )
+    _add_resume_option(train_sgr)
     _add_config_options(train_sgr, "sgr/tiny")
     train_sgr.set_defaults(func=_train_sgr)
 
@@ -331,33 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     unet = stages.add_parser(
         "unet", help="train a student LSDM (BK-SDM block removal or evolved) by KD from a teacher run folder"
     )
-    unet.add_argument(
-        "--resume", default=None, metavar="latest|PATH", help="continue from the latest checkpoint or a given one"
-    )
+    _add_resume_option(unet)
     _add_config_options(unet, "distill/unet-tiny")
     unet.set_defaults(func=_distill_unet)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )
-    quality.add_argument("--model", required=True, help="a run folder with pipeline/, or a pipeline folder")
-    quality.add_argument("--reference", default=None, help="a run or pipeline folder to compare samples with")
-    quality.add_argument("--shards", required=True, help="HumanVerse shards: the held-out samples (first --num)")
-    quality.add_argument("--num", type=int, default=16, help="held-out samples (default: 16)")
-    quality.add_argument("--steps", type=int, default=8, help="sampling steps of the PSNR comparison (default: 8)")
-    quality.add_argument(
-        "--runtime", default="eager", choices=["eager", "compiled", "bf16"], help="runtime of step_ms (default: eager)"
+    _add_heldout_options(
+        quality, "a run folder with pipeline/, or a pipeline folder", "runtime of step_ms (default: eager)"
     )
+    quality.add_argument("--reference", default=None, help="a run or pipeline folder to compare samples with")
+    quality.add_argument("--steps", type=int, default=8, help="sampling steps of the PSNR comparison (default: 8)")
     quality.set_defaults(func=_distill_measure)
     search = stages.add_parser(
         "evolve", help="SnapFusion architecture evolving: which parts of a robust-trained LSDM to remove for a budget"
     )
-    search.add_argument("--model", required=True, help="the robust-trained run (distill unet with kd.skip_prob > 0)")
-    search.add_argument("--shards", required=True, help="HumanVerse shards: the held-out samples (first --num)")
-    search.add_argument("--num", type=int, default=16, help="held-out samples (default: 16)")
-    search.add_argument("--budget", type=float, default=0.4, help="latency budget: a fraction of the step (0.4)")
-    search.add_argument(
-        "--runtime", default="eager", choices=["eager", "compiled", "bf16"], help="the latency table's runtime"
+    _add_heldout_options(
+        search, "the robust-trained run (distill unet with kd.skip_prob > 0)", "the latency table's runtime"
     )
+    search.add_argument("--budget", type=float, default=0.4, help="latency budget: a fraction of the step (0.4)")
     search.add_argument(
         "--parts", default="*", help="only parts whose names match this glob, e.g. '*attentions*' (default: all)"
     )
