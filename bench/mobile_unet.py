@@ -16,8 +16,10 @@ side by side in one run on this CPU.
    one from the robust model's.
 5. For the teacher and each student: parameters, MACs, measured step latency (eager and
    ``torch.compile``; one guided step, batch 2, the models timed in alternation), the latency
-   predicted from the table and its error, held-out v-loss (the held-out photos, fixed seeded
-   triples), PSNR of its samples against the teacher's from the same noise.
+   predicted from the table and its error (blocks timed in this stage, beside the steps),
+   held-out v-loss (the held-out photos, fixed seeded triples) and its ratio to the teacher's,
+   the same ratio on training photos ("train": how closely it follows the teacher where the
+   teacher has learnt the data), PSNR of its samples against the teacher's from the same noise.
 6. SD-2-base at 512² as the LSDM (latent 64², batch 2), teacher and the same students: parameters
    and MACs counted on the meta device, the step predicted from this machine's eager table (each
    block timed once at its real shapes).
@@ -125,8 +127,12 @@ def main() -> None:
 
     stage = time.perf_counter()
     pipelines = {"teacher": load_pipeline(teacher_run), **{name: load_pipeline(runs / name) for name in STUDENTS}}
-    rows = measure_models(pipelines, heldout, table, args)
-    table.save()
+    # The prediction error is measured against blocks timed now, beside the end-to-end steps: an
+    # entry of the search's table may have been timed in another run, under other load.
+    measure_table = LatencyTable(path=runs / "measure_table.json")
+    training = HeldOut.from_shards(teacher["train_shards"], pipelines["teacher"], num=args.heldout_num)
+    rows = measure_models(pipelines, heldout, training, measure_table, args)
+    measure_table.save()
     times["measure_s"] = time.perf_counter() - stage
     sd2 = []
     if not args.no_sd2:
@@ -167,7 +173,9 @@ def macs(model, inputs: dict) -> int:
     return counter.get_total_flops() // 2
 
 
-def measure_models(pipelines: dict, heldout, table: LatencyTable, args) -> list[dict]:
+def measure_models(pipelines: dict, heldout, training, table: LatencyTable, args) -> list[dict]:
+    """``heldout``: the held-out photos' measure; ``training``: the same on training photos (how
+    closely each student follows the teacher where the teacher has learnt the data)."""
     from distill.measure import sample_psnr, step_inputs, v_loss
 
     inputs = step_inputs(pipelines["teacher"], heldout)
@@ -181,6 +189,7 @@ def measure_models(pipelines: dict, heldout, table: LatencyTable, args) -> list[
             "macs": macs(unet, inputs),
             "removed_parts": list(unet.config.removed_parts or []),
             **v_loss(pipeline, heldout),
+            "v_loss_train": v_loss(pipeline, training)["v_loss"],
             "psnr": None
             if name == "teacher"
             else sample_psnr(pipeline, pipelines["teacher"], heldout, steps=args.psnr_steps),  # fmt: skip
@@ -264,17 +273,19 @@ def report(rows: list[dict], sd2: list[dict], evolution, teacher: dict, times: d
           f"{teacher['report'].get('lsdm_steps')} steps); KD {args.kd_steps} steps per student; robust "
           f"{args.robust_steps} steps; search on {args.search_runtime}, budget {args.budget:.0%}")  # fmt: skip
     header = (f"{'model':10} {'params M':>8} {'GMACs':>6} {'eager ms':>9} {'compiled':>9} {'speed-up':>8} "
-              f"{'pred eager':>10} {'err':>6} {'pred comp':>9} {'err':>6} {'v-loss':>7} {'ratio':>6} "
+              f"{'pred eager':>10} {'err':>6} {'pred comp':>9} {'err':>6} {'v-loss':>7} {'ratio':>6} {'train':>6} "
               f"{'PSNR rgb/depth/normal':>22}")  # fmt: skip
     print(header)
     for row in rows:
         psnr = "/".join(f"{value:.1f}" for value in row["psnr"].values()) if row["psnr"] else "-"
         row["speedup_compiled"] = base["compiled_ms"] / row["compiled_ms"]
         row["v_loss_ratio"] = row["v_loss"] / base["v_loss"]
+        row["v_loss_train_ratio"] = row["v_loss_train"] / base["v_loss_train"]
         print(f"{row['model']:10} {row['params'] / 1e6:8.2f} {row['macs'] / 1e9:6.2f} {row['eager_ms']:9.1f} "
               f"{row['compiled_ms']:9.1f} {row['speedup_compiled']:7.2f}x {row['predicted_eager_ms']:10.1f} "
               f"{row['error_eager']:+6.1%} {optional(row, 'predicted_compiled_ms', '9.1f')} "
               f"{optional(row, 'error_compiled', '+6.1%')} {row['v_loss']:7.4f} {row['v_loss_ratio']:6.3f} "
+              f"{row['v_loss_train_ratio']:6.3f} "
               f"{psnr:>22}")  # fmt: skip
     if sd2:
         print("\nSD-2-base-512 as the LSDM (latent 64², batch 2), eager step predicted from this machine's table")
@@ -291,6 +302,8 @@ def report(rows: list[dict], sd2: list[dict], evolution, teacher: dict, times: d
         "evolved_loss_ratio": evolved["v_loss_ratio"],
         "bk_nearest": nearest["model"],
         "bk_nearest_loss_ratio": nearest["v_loss_ratio"],
+        "evolved_train_loss_ratio": evolved["v_loss_train_ratio"],
+        "bk_nearest_train_loss_ratio": nearest["v_loss_train_ratio"],
         "latency_error_max": max(abs(row[key]) for row in rows for key in ERRORS if key in row),
     }
     summary["goals"] = {

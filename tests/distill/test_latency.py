@@ -6,7 +6,17 @@ import json
 import pytest
 import torch
 
-from distill.latency import LatencyTable, blocks, capture, machine, measure_step, parts, predict, signature
+from distill.latency import (
+    LatencyTable,
+    blocks,
+    capture,
+    machine,
+    measure_step,
+    parts,
+    predict,
+    rest_of_step,
+    signature,
+)
 from hyperhuman.lsdm.model import LatentStructuralUNet
 from hyperhuman.lsdm.testing import IDENTITY_NORM, tiny_unet
 
@@ -69,7 +79,8 @@ def test_predict_sums_block_timings_and_caches_them(models, kind, tmp_path):
     table = LatencyTable.load(tmp_path / "table.json")
     first = predict(model, inputs, "eager", table, **FAST)
     assert set(first.blocks) == set(blocks(model)) and all(ms > 0 for ms in first.blocks.values())
-    assert first.total_ms == pytest.approx(sum(first.blocks.values()))
+    assert 0 < first.rest_ms < first.total_ms
+    assert first.total_ms == pytest.approx(sum(first.blocks.values()) + first.rest_ms)
     measured = table.measured
     again = predict(model, inputs, "eager", table, **FAST)
     assert table.measured == measured and again.blocks == first.blocks  # nothing timed twice
@@ -87,10 +98,23 @@ def test_the_three_branches_share_timings_of_identical_blocks(models, tmp_path):
     predict(model, inputs, "eager", table, **FAST)
     # rgb, depth and normal have the same outer blocks at the same shapes: one entry each kind
     branch_blocks = [name for name in blocks(model) if name.startswith("branch.")]
-    assert table.measured == len(blocks(model)) - len(branch_blocks) * 2 // 3
+    assert table.measured == len(blocks(model)) - len(branch_blocks) * 2 // 3 + 1  # + the rest of the step
     assert signature(model.get_submodule("branch.rgb.conv_out")) == signature(
         model.get_submodule("branch.depth.conv_out")
     )
+
+
+@pytest.mark.parametrize("kind", ["unet", "lsdm"])
+def test_the_rest_of_the_step_replays_the_blocks_and_leaves_the_model_as_it_was(models, kind):
+    model, inputs = models[kind]
+    with torch.inference_mode():
+        before = model(**inputs).sample
+    rest = rest_of_step(model, inputs, blocks(model), "eager", warmup=0, repeats=2)
+    full = measure_step(model, inputs, "eager", warmup=1, repeats=3)
+    assert 0 < rest < full
+    assert all("forward" not in vars(model.get_submodule(name)) for name in blocks(model))
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, before)
 
 
 def test_parts_and_bf16(models, tmp_path):
