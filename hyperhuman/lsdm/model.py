@@ -77,6 +77,8 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
             was trained on (recorded by ``train-lsdm``; the pipeline warns when it renders with another).
         removed_parts: ResNets and attentions taken out of the architecture (a distilled student's,
             e.g. ``branch.rgb.down_blocks.0.attentions.1``; see :mod:`hyperhuman.unet_parts`).
+        distilled_steps: the number of sampling steps a step-distilled student was trained for
+            (the pipeline's default ``num_inference_steps``); ``None`` for a model trained as usual.
     """
 
     _supports_gradient_checkpointing = True
@@ -93,6 +95,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         latent_norm: dict | None = None,
         pose_renderer: str | None = None,
         removed_parts: list[str] | None = None,
+        distilled_steps: int | None = None,
     ):
         super().__init__()
         unet = dict(unet)
@@ -181,10 +184,13 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         pose_latent: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> LSDMOutput | tuple[torch.Tensor]:
         """``sample`` ``(B, branches × C, H, W)`` noisy latents, ``pose_latent`` ``(B, C_pose, H, W)``
-        (zeros when ``None``: the unconditional pose) → the prediction for every branch."""
+        (zeros when ``None``: the unconditional pose) → the prediction for every branch.
+        ``timestep_cond`` ``(B, unet.time_cond_proj_dim)`` is added to the time embedding, as in
+        ``UNet2DConditionModel`` (a step-distilled student's guidance-scale input)."""
         trunk = self.trunk
         names = self.config.branches
         channels = self.config.latent_channels
@@ -201,7 +207,11 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         if encoder_attention_mask is not None:
             encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
 
-        emb = trunk.time_embedding(trunk.get_time_embed(sample=sample, timestep=timestep))
+        if timestep_cond is not None and trunk.time_embedding.cond_proj is None:
+            raise ValueError(
+                "timestep_cond was given but this model has no input for it: build it with unet.time_cond_proj_dim"
+            )
+        emb = trunk.time_embedding(trunk.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
         if trunk.time_embed_act is not None:
             emb = trunk.time_embed_act(emb)
         context = {"encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask}

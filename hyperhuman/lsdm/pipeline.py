@@ -9,6 +9,10 @@
 with COCO-17 ``keypoints``), a rendered skeleton image (PIL or uint8 array), or a list of either
 (one per prompt). The schedule follows the paper: zero terminal SNR, v-prediction, trailing
 timesteps (:func:`make_scheduler`); any diffusers scheduler configured for v-prediction works.
+
+A step-distilled student (``hyperhuman distill steps``) samples with the same call: its config's
+``distilled_steps`` is the default ``num_inference_steps``, and with guidance folded in (a
+``time_cond_proj_dim`` input) ``guidance_scale`` is fed to the model, one evaluation per step.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def make_scheduler(**overrides) -> DDIMScheduler:
     options = dict(SCHEDULER_DEFAULTS)
     options.update(overrides)
     return DDIMScheduler(**options)
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B,)`` guidance scales (the pipeline's ``w``) → ``(B, dim)``, the input of a student with
+    guidance folded in: LCM's embedding of ``w − 1`` (``get_guidance_scale_embedding``), so that
+    ``w = 1``, no guidance, embeds as LCM's 0."""
+    w = (torch.as_tensor(guidance_scale, dtype=torch.float32).reshape(-1) - 1.0) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * frequencies.to(w.device)[None]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(dtype)
 
 
 @dataclass
@@ -106,7 +124,7 @@ class HyperHumanPipeline(DiffusionPipeline):
         pose,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 7.5,
         guidance_rescale: float = 0.0,
         negative_prompt: str | list[str] | None = None,
@@ -124,9 +142,13 @@ class HyperHumanPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {factor}, got {height}×{width}")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if num_inference_steps is None:  # a step-distilled student's own count, else 50
+            num_inference_steps = self.unet.config.get("distilled_steps") or 50
         check_num_inference_steps(num_inference_steps)
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
+        # A student with guidance folded in takes the scale as an input: one evaluation per step.
+        folded = self.unet.config.unet.get("time_cond_proj_dim")
+        do_cfg = guidance_scale > 1.0 and not folded
 
         states, mask = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
         if do_cfg:
@@ -147,10 +169,14 @@ class HyperHumanPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents.to(device) * self.scheduler.init_noise_sigma
 
+        scale = torch.full((batch,), float(max(guidance_scale, 1.0)))
+        guidance = {"timestep_cond": guidance_embedding(scale, folded, self.unet.dtype).to(device)} if folded else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            prediction = self.unet(model_input, t, states, pose_latent=pose_latent, encoder_attention_mask=mask).sample
+            prediction = self.unet(
+                model_input, t, states, pose_latent=pose_latent, encoder_attention_mask=mask, **guidance
+            ).sample
             if do_cfg:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)

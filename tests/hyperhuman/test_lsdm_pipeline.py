@@ -108,3 +108,42 @@ def test_the_generic_diffusers_loader_with_the_documented_call(pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded).__name__ == "HyperHumanPipeline"
     np.testing.assert_array_equal(_run(loaded, output_type="np").rgb, _run(pipe, output_type="np").rgb)
+
+
+def test_a_student_with_guidance_folded_in_is_called_once_per_step(pipe):
+    from distill.guidance import add_guidance_input
+
+    student = HyperHumanPipeline(**{**pipe.components, "unet": add_guidance_input(pipe.unet, dim=16)})
+    student.set_progress_bar_config(disable=True)
+    batches = []
+    handle = student.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        folded = _run(student, guidance_scale=7.5, output_type="latent").rgb
+    finally:
+        handle.remove()
+    assert batches == [2, 2, 2]  # 3 steps, the 2 prompts once each: no unconditional pass
+    # fresh from the teacher (zero guidance projection) it is the teacher without guidance
+    torch.testing.assert_close(folded, _run(pipe, guidance_scale=1.0, output_type="latent").rgb)
+    torch.nn.init.normal_(student.unet.trunk.time_embedding.cond_proj.weight)
+    assert not torch.equal(
+        _run(student, guidance_scale=2.0, output_type="latent").rgb,
+        _run(student, guidance_scale=9.0, output_type="latent").rgb,
+    )
+
+
+def test_a_step_distilled_model_samples_at_its_own_step_count_by_default(pipe, tmp_path):
+    config = {key: value for key, value in pipe.unet.config.items() if not key.startswith("_")}
+    unet = type(pipe.unet).from_config({**config, "distilled_steps": 4})
+    unet.load_state_dict(pipe.unet.state_dict())
+    student = HyperHumanPipeline(**{**pipe.components, "unet": unet})
+    student.save_pretrained(tmp_path / "student")
+    loaded = HyperHumanPipeline.from_pretrained(tmp_path / "student")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.unet.config.distilled_steps == 4
+    steps = []
+    loaded.unet.register_forward_pre_hook(lambda module, args: steps.append(args[1]))
+    loaded("a man running", pose=POSE, guidance_scale=1.0, output_type="latent")
+    assert [int(t) for t in steps] == [999, 749, 499, 249]
+    steps.clear()
+    loaded("a man running", pose=POSE, guidance_scale=1.0, num_inference_steps=2, output_type="latent")
+    assert len(steps) == 2
