@@ -16,10 +16,12 @@ side by side in one run on this CPU.
    one from the robust model's.
 5. For the teacher and each student: parameters, MACs, measured step latency (eager and
    ``torch.compile``; one guided step, batch 2, the models timed in alternation), the latency
-   predicted from the table and its error (blocks timed in this stage, beside the steps),
-   held-out v-loss (the held-out photos, fixed seeded triples) and its ratio to the teacher's,
-   the same ratio on training photos ("train": how closely it follows the teacher where the
-   teacher has learnt the data), PSNR of its samples against the teacher's from the same noise.
+   predicted from the table and its error (blocks timed in this stage, beside the steps); eager
+   also calibrated (one factor fitted on the teacher's measured step: eager blocks timed alone
+   run with warm caches; the students' calibrated errors are out of sample), held-out v-loss
+   (the held-out photos, fixed seeded triples) and its ratio to the teacher's, the same ratio on
+   training photos ("train": how closely it follows the teacher where the teacher has learnt the
+   data), PSNR of its samples against the teacher's from the same noise.
 6. SD-2-base at 512² as the LSDM (latent 64², batch 2), teacher and the same students: parameters
    and MACs counted on the meta device, the step predicted from this machine's eager table (each
    block timed once at its real shapes).
@@ -27,7 +29,8 @@ side by side in one run on this CPU.
 Prints the tables; writes ``bench/results/mobile_unet.json`` whose ``summary`` holds
 ``evolved_speedup`` (teacher / evolved step, compiled, measured), ``evolved_loss_ratio`` and
 ``bk_nearest_loss_ratio`` (held-out v-loss / the teacher's, for the evolved student and for the
-BK-SDM student of nearest compiled latency) and ``latency_error_max``. Skips (exit 0) without
+BK-SDM student of nearest compiled latency) and ``latency_error_max`` (largest of the students'
+calibrated eager errors and every compiled error; ``latency_error_max_raw``: uncalibrated). Skips (exit 0) without
 ``../shared``.
 """
 
@@ -53,7 +56,7 @@ import _teacher  # noqa: E402
 from distill.latency import LatencyTable, machine, predict, runner, time_call  # noqa: E402
 
 STUDENTS = ("bk-base", "bk-small", "bk-tiny", "evolved")
-ERRORS = ("error_eager", "error_compiled")  # predicted / measured step − 1, per runtime
+ERRORS = ("error_eager", "error_compiled")  # predicted / measured step − 1, per runtime (and calibrated_…)
 
 
 def main() -> None:
@@ -205,6 +208,18 @@ def measure_models(pipelines: dict, heldout, training, table: LatencyTable, args
             rows[name][f"{runtime}_ms"] = ms
             if f"predicted_{runtime}_ms" in rows[name]:
                 rows[name][f"error_{runtime}"] = rows[name][f"predicted_{runtime}_ms"] / ms - 1
+        # Eager blocks timed alone run with warm caches: the table under-predicts a whole eager step
+        # by a steady ~10% here. One factor fitted on the teacher's measured step corrects it (the
+        # students' calibrated errors are out of sample). A compiled step fuses across blocks, which
+        # per-block compiles cannot see, and its offset is not steady between runs: left raw.
+        if runtime != "eager":
+            continue
+        factor = rows["teacher"][f"{runtime}_ms"] / rows["teacher"][f"predicted_{runtime}_ms"]
+        for row in rows.values():
+            if f"predicted_{runtime}_ms" in row:
+                row[f"calibration_{runtime}"] = factor
+                row[f"calibrated_{runtime}_ms"] = row[f"predicted_{runtime}_ms"] * factor
+                row[f"calibrated_error_{runtime}"] = row[f"calibrated_{runtime}_ms"] / row[f"{runtime}_ms"] - 1
     return list(rows.values())
 
 
@@ -273,7 +288,8 @@ def report(rows: list[dict], sd2: list[dict], evolution, teacher: dict, times: d
           f"{teacher['report'].get('lsdm_steps')} steps); KD {args.kd_steps} steps per student; robust "
           f"{args.robust_steps} steps; search on {args.search_runtime}, budget {args.budget:.0%}")  # fmt: skip
     header = (f"{'model':10} {'params M':>8} {'GMACs':>6} {'eager ms':>9} {'compiled':>9} {'speed-up':>8} "
-              f"{'pred eager':>10} {'err':>6} {'pred comp':>9} {'err':>6} {'v-loss':>7} {'ratio':>6} {'train':>6} "
+              f"{'pred eager':>10} {'err':>6} {'cal err':>7} {'pred comp':>9} {'err':>6} "
+              f"{'v-loss':>7} {'ratio':>6} {'train':>6} "
               f"{'PSNR rgb/depth/normal':>22}")  # fmt: skip
     print(header)
     for row in rows:
@@ -283,17 +299,21 @@ def report(rows: list[dict], sd2: list[dict], evolution, teacher: dict, times: d
         row["v_loss_train_ratio"] = row["v_loss_train"] / base["v_loss_train"]
         print(f"{row['model']:10} {row['params'] / 1e6:8.2f} {row['macs'] / 1e9:6.2f} {row['eager_ms']:9.1f} "
               f"{row['compiled_ms']:9.1f} {row['speedup_compiled']:7.2f}x {row['predicted_eager_ms']:10.1f} "
-              f"{row['error_eager']:+6.1%} {optional(row, 'predicted_compiled_ms', '9.1f')} "
-              f"{optional(row, 'error_compiled', '+6.1%')} {row['v_loss']:7.4f} {row['v_loss_ratio']:6.3f} "
+              f"{row['error_eager']:+6.1%} {row['calibrated_error_eager']:+7.1%} "
+              f"{optional(row, 'predicted_compiled_ms', '9.1f')} {optional(row, 'error_compiled', '+6.1%')} "
+              f"{row['v_loss']:7.4f} {row['v_loss_ratio']:6.3f} "
               f"{row['v_loss_train_ratio']:6.3f} "
               f"{psnr:>22}")  # fmt: skip
     if sd2:
-        print("\nSD-2-base-512 as the LSDM (latent 64², batch 2), eager step predicted from this machine's table")
-        print(f"{'model':10} {'params M':>9} {'GMACs':>8} {'predicted s':>12} {'speed-up':>9}")
+        print("\nSD-2-base-512 as the LSDM (latent 64², batch 2), eager step predicted from this machine's table "
+              f"(calibrated: × {base['calibration_eager']:.3f}, the bench teacher's factor)")  # fmt: skip
+        print(f"{'model':10} {'params M':>9} {'GMACs':>8} {'predicted s':>12} {'calibrated s':>13} {'speed-up':>9}")
         for row in sd2:
             row["predicted_speedup"] = sd2[0]["predicted_eager_ms"] / row["predicted_eager_ms"]
+            row["calibrated_eager_ms"] = row["predicted_eager_ms"] * base["calibration_eager"]
             print(f"{row['model']:10} {row['params'] / 1e6:9.1f} {row['macs'] / 1e9:8.1f} "
-                  f"{row['predicted_eager_ms'] / 1000:12.2f} {row['predicted_speedup']:8.2f}x")  # fmt: skip
+                  f"{row['predicted_eager_ms'] / 1000:12.2f} {row['calibrated_eager_ms'] / 1000:13.2f} "
+                  f"{row['predicted_speedup']:8.2f}x")  # fmt: skip
     evolved = by_name["evolved"]
     bk = [by_name[name] for name in STUDENTS if name != "evolved"]
     nearest = min(bk, key=lambda row: abs(row["compiled_ms"] - evolved["compiled_ms"]))
@@ -304,7 +324,12 @@ def report(rows: list[dict], sd2: list[dict], evolution, teacher: dict, times: d
         "bk_nearest_loss_ratio": nearest["v_loss_ratio"],
         "evolved_train_loss_ratio": evolved["v_loss_train_ratio"],
         "bk_nearest_train_loss_ratio": nearest["v_loss_train_ratio"],
-        "latency_error_max": max(abs(row[key]) for row in rows for key in ERRORS if key in row),
+        "latency_error_max": max(
+            [abs(row["calibrated_error_eager"]) for row in rows if row["model"] != "teacher"]
+            + [abs(row["error_compiled"]) for row in rows if "error_compiled" in row]
+        ),
+        "latency_error_max_raw": max(abs(row[key]) for row in rows for key in ERRORS if key in row),
+        "calibration_eager": base["calibration_eager"],
     }
     summary["goals"] = {
         "evolved_speedup >= 2.5": summary["evolved_speedup"] >= 2.5,
