@@ -59,7 +59,7 @@ def guided_v(model, latents, timesteps, conditions: dict, unconditional: dict, g
     (text states, mask, pose latent), per sample."""
     scale = torch.as_tensor(guidance_scale, dtype=latents.dtype, device=latents.device).reshape(-1)
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-    dim = guidance_dim(model)
+    dim = guidance_dim(getattr(model, "module", model))  # through a data-parallel wrapper
     if dim is not None:
         embedded = guidance_embedding(scale.expand(latents.shape[0]), dim, latents.dtype).to(latents.device)
         return model(latents, timesteps, **conditions, timestep_cond=embedded).sample

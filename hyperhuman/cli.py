@@ -209,6 +209,31 @@ def _distill_unet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_steps(args: argparse.Namespace) -> int:
+    from distill.steps import distill_steps
+
+    config = load_config(args.config, args.overrides)
+    report = distill_steps(config, resume=args.resume)
+    rounds = ", ".join(f"{r['teacher_steps']} → {r['student_steps']} ({r['steps']} steps)" for r in report["rounds"])
+    folded = "guidance folded in" if report["guidance_folded"] else "guided at sampling"
+    print(f"[distill steps] {report['mode']}: {rounds} in {report['wall_s']} s; a {report['student_steps']}-step "
+          f"student, {folded}: {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
+def _distill_vae_decoder(args: argparse.Namespace) -> int:
+    from distill.vae_decoder import distill_vae_decoder
+
+    config = load_config(args.config, args.overrides)
+    report = distill_vae_decoder(config, resume=args.resume)
+    if "psnr_db" in report:
+        psnr = ", ".join(f"{name} {value:.1f}" for name, value in report["psnr_db"].items())
+        speedup = report["decode_ms"]["speedup"]
+        print(f"[distill vae-decoder] {report['steps']} steps in {report['train_s']} s; held-out PSNR vs the teacher "
+              f"decoder {psnr} dB; decodes {speedup:.2f}x faster; vae in {config['output']}/vae")  # fmt: skip
+    return 0
+
+
 def _distill_measure(args: argparse.Namespace) -> int:
     from distill.measure import measure
 
@@ -344,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(unet)
     _add_config_options(unet, "distill/unet-tiny")
     unet.set_defaults(func=_distill_unet)
+    steps = stages.add_parser(
+        "steps", help="step distillation (progressive or direct), with classifier-free guidance folded in"
+    )
+    _add_resume_option(steps)
+    _add_config_options(steps, "distill/steps-tiny")
+    steps.set_defaults(func=_distill_steps)
+    vae_decoder = stages.add_parser(
+        "vae-decoder", help="SnapFusion's efficient VAE decoder: a channel-reduced decoder by data distillation"
+    )
+    _add_resume_option(vae_decoder)
+    _add_config_options(vae_decoder, "distill/vae-decoder-tiny")
+    vae_decoder.set_defaults(func=_distill_vae_decoder)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )
@@ -411,7 +448,8 @@ RESUME_HINTS = {
     "demo": "rerun the same command to resume (completed work is kept)",
     "train-lsdm": "rerun it with --resume latest to continue from the last checkpoint",
     "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
-    "distill": "for `distill unet`, rerun it with --resume latest to continue from the last checkpoint",
+    "distill": "for `distill unet`, `distill steps` or `distill vae-decoder`, rerun it with --resume latest to "
+    "continue from the last checkpoint",
 }
 
 

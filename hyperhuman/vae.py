@@ -80,21 +80,31 @@ MAKE_SHARDS = "make some with `hyperhuman annotate SOURCE OUTPUT` (or `make demo
 
 
 def load_vae(path: str | os.PathLike, **kwargs):
-    """``AutoencoderKL`` from a local folder: a ``vae/`` folder itself, or a run / pipeline folder
-    holding one. Never random weights: a missing VAE raises a ``ValueError`` naming the path and
+    """``AutoencoderKL`` (or a distilled decoder's :class:`hyperhuman.slim_vae.AutoencoderKLSlimDecoder`)
+    from a local folder: a ``vae/`` folder itself, or a run / pipeline folder holding one. Never
+    random weights: a missing VAE raises a ``ValueError`` naming the path and
     the command that makes one."""
-    from diffusers import AutoencoderKL
-
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "config.json")):
-        return AutoencoderKL.from_pretrained(path, **kwargs)
+        return _vae_class(os.path.join(path, "config.json")).from_pretrained(path, **kwargs)
     if os.path.isfile(os.path.join(path, "vae", "config.json")):
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        return _vae_class(os.path.join(path, "vae", "config.json")).from_pretrained(path, subfolder="vae", **kwargs)
     raise ConfigError(
         f"no VAE at {path!r} (no config.json there or in its vae/ folder): train one with "
         "`hyperhuman train-vae --set data.train=SHARDS --set output=DIR` (it lands in DIR/vae), "
         "or point at a Stable Diffusion vae/ folder"
     )
+
+
+def _vae_class(config_path: str):
+    """``AutoencoderKL``, or our narrow-decoder subclass when the folder holds one (a distilled decoder)."""
+    from diffusers import AutoencoderKL
+
+    from hyperhuman.slim_vae import AutoencoderKLSlimDecoder
+
+    with open(config_path) as handle:
+        name = json.load(handle).get("_class_name")
+    return AutoencoderKLSlimDecoder if name == AutoencoderKLSlimDecoder.__name__ else AutoencoderKL
 
 
 def build_vae(model: dict):

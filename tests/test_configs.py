@@ -50,6 +50,18 @@ def check_distill_unet(config):
     check_config(config, check_paths=False)
 
 
+def check_distill_steps(config):
+    from distill.steps import check_config
+
+    check_config(config, check_paths=False)
+
+
+def check_distill_vae_decoder(config):
+    from distill.vae_decoder import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_demo(config):
     """Each stage's config with the demo's overrides passes that stage's own checks."""
     from hyperhuman.config import apply_overrides
@@ -66,6 +78,8 @@ CHECKS = {
     "eval/": check_eval,
     "annotate/": check_annotate,
     "distill/unet": check_distill_unet,
+    "distill/steps": check_distill_steps,
+    "distill/vae-decoder": check_distill_vae_decoder,
     "shards": check_shards,
     "demo": check_demo,
 }
@@ -90,14 +104,25 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 def recipe_schemas():
     from distill.kd import KNOWN_KEYS as DISTILL_UNET
+    from distill.steps import KNOWN_KEYS as DISTILL_STEPS
+    from distill.vae_decoder import KNOWN_KEYS as DISTILL_VAE_DECODER
     from hyperhuman.lsdm.train import KNOWN_KEYS as LSDM
     from hyperhuman.sgr.train import KNOWN_KEYS as SGR
     from hyperhuman.vae import KNOWN_KEYS as VAE
 
-    return {"lsdm/tiny": LSDM, "sgr/tiny": SGR, "vae/tiny": VAE, "distill/unet-tiny": DISTILL_UNET}
+    return {
+        "lsdm/tiny": LSDM,
+        "sgr/tiny": SGR,
+        "vae/tiny": VAE,
+        "distill/unet-tiny": DISTILL_UNET,
+        "distill/steps-tiny": DISTILL_STEPS,
+        "distill/vae-decoder-tiny": DISTILL_VAE_DECODER,
+    }
 
 
-@pytest.mark.parametrize("name", ["lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny"])
+@pytest.mark.parametrize(
+    "name", ["lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny", "distill/vae-decoder-tiny"]
+)
 def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
     config = load_config(name)
     undocumented = []
@@ -112,7 +137,8 @@ def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
 
 
 def test_one_vocabulary_across_the_training_recipes():
-    for name in ("lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny"):
+    distill = ("distill/unet-tiny", "distill/steps-tiny", "distill/vae-decoder-tiny")
+    for name in ("lsdm/tiny", "sgr/tiny", "vae/tiny", *distill):
         config = load_config(name)
         assert isinstance(config["seed"], int), name
         for key in ("batch_size", "max_train_steps", "learning_rate"):

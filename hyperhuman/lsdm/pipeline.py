@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from hyperhuman import modalities
 from hyperhuman.lsdm.model import LatentStructuralUNet
 from hyperhuman.skeleton import check_renderer_version
+from hyperhuman.slim_vae import AutoencoderKLSlimDecoder  # noqa: F401  a distilled decoder loads by this name
 from hyperhuman.text import encode_prompts
 
 # DDIM with zero terminal SNR, v-prediction and trailing spacing (Lin et al. 2024, used by HyperHuman).

@@ -12,6 +12,7 @@ def test_distill_lists_its_stages(capsys):
         assert done.code == 0
     listed = capsys.readouterr().out
     assert "unet" in listed and "measure" in listed and "evolve" in listed
+    assert "steps" in listed and "vae-decoder" in listed
 
 
 def test_measure_prints_the_quality_measure_as_json(teacher_run, distill_shards, capsys):

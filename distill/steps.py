@@ -1,0 +1,334 @@
+"""``hyperhuman distill steps``: step distillation — a student that samples in K DDIM steps what the
+teacher samples in N, optionally with classifier-free guidance folded in.
+
+Each training step draws a sample from the shards (all branches' latents stacked, as the LSDM
+samples them: one timestep shared by the branches), a student step ``t → s`` of the K-step grid
+and noise; the frozen teacher takes ``N / K`` DDIM steps from ``z_t`` to ``z_s``, and the student
+learns the v whose single DDIM step lands there (:func:`distill.ddim.distillation_target`).
+Two modes (``steps.mode``):
+
+- ``progressive`` (Salimans & Ho 2022): rounds that halve the steps, N → N/2 → … → K, each
+  round's student starting from, and then teaching, the next;
+- ``direct`` (SnapFusion found it better): one round, N → K, ``N / K`` teacher steps per target.
+
+**Guidance folded in** (``guidance.fold``): the student gets the guidance scale as an input
+(:mod:`distill.guidance`) and learns the teacher's guided output — SnapFusion's CFG-aware loss,
+with ``w ~ U[scale_min, scale_max]`` for a share ``cfg_prob`` of the samples and plain (w = 1)
+distillation for the rest — so it samples with one evaluation per step instead of two. Without it
+the student is distilled on conditional and (``train.condition_dropout``) unconditional samples
+and is guided at sampling time like the teacher.
+
+Output: ``OUTPUT/rounds/steps-K/`` per round (checkpoints, TensorBoard logs, validation grids —
+``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — its
+``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` = the last round's, which
+``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like any other: the student's
+config records ``distilled_steps`` (the pipeline's default step count), the schedule is the
+teacher's. ``--resume latest`` skips the finished rounds and continues the current one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from distill.ddim import ddim_step, distillation_target, noised, student_grid, teacher_path
+from distill.guidance import DEFAULT_DIM, add_guidance_input, guidance_dim, guided_v
+from hyperhuman.config import ConfigError, check_known_keys
+from hyperhuman.training import (
+    DATA_KEYS,
+    TRAIN_KEYS,
+    VALIDATION_KEYS,
+    check_processes_agree,
+    make_accelerator,
+    optimizer_step,
+    prepare_for_training,
+    restore,
+    save_checkpoint,
+    step_generator,
+)
+
+REFERENCE = "configs/distill/steps-tiny.yaml"
+MODES = ("progressive", "direct")
+KNOWN_KEYS = {
+    "output": None,
+    "seed": None,
+    "teacher": None,
+    "data": {**DATA_KEYS, "cache_latents": None},
+    "steps": dict.fromkeys(["mode", "teacher_steps", "student_steps"]),
+    "guidance": dict.fromkeys(["fold", "dim", "scale_min", "scale_max", "cfg_prob"]),
+    "train": {**TRAIN_KEYS, **dict.fromkeys(["condition_dropout"])},
+    # the step counts come from steps: (teacher.png at the round teacher's, step-S.png at the student's)
+    "validation": {key: None for key in VALIDATION_KEYS if key != "num_inference_steps"},
+}
+
+
+# --- configuration ---------------------------------------------------------------------------------
+def check_config(config: dict, check_paths: bool = True) -> None:
+    """Everything that would fail an hour in fails here, naming the key to fix."""
+    from hyperhuman.lsdm.data import check_data
+
+    for section in ("output", "teacher", "steps", "data", "train"):
+        if config.get(section) is None:
+            raise ConfigError(f"distill config lacks {section!r} (e.g. --set {section}=...); see {REFERENCE}")
+    check_known_keys(config, KNOWN_KEYS, REFERENCE)
+    rounds(config["steps"])
+    guidance = config.get("guidance") or {}
+    if not isinstance(guidance.get("fold", False), bool):
+        raise ConfigError(f"guidance.fold must be true or false, got {guidance.get('fold')!r}")
+    dim = guidance.get("dim", DEFAULT_DIM)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ConfigError(f"guidance.dim must be an integer ≥ 2 (the width of the scale's embedding), got {dim!r}")
+    low, high = guidance.get("scale_min", 2.0), guidance.get("scale_max", 8.0)
+    if not all(isinstance(v, int | float) for v in (low, high)) or not 1 <= low <= high:
+        raise ConfigError(f"guidance.scale_min/scale_max must satisfy 1 ≤ min ≤ max, got {low!r}, {high!r}")
+    share = guidance.get("cfg_prob", 0.5)
+    if not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ConfigError(f"guidance.cfg_prob must be in [0, 1], got {share!r}")
+    train = config["train"]
+    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
+        if not isinstance(train.get(key), int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    if check_paths:
+        teacher = Path(config["teacher"])
+        if not (teacher / "pipeline" / "model_index.json").is_file() and not (teacher / "model_index.json").is_file():
+            raise ConfigError(
+                f"teacher={config['teacher']!r} is not a run folder with pipeline/ (what train-lsdm or a distill "
+                "stage writes): --set teacher=runs/NAME"
+            )
+        check_data(config["data"])
+
+
+def rounds(steps: dict) -> list[tuple[int, int]]:
+    """``[(teacher steps, student steps), ...]`` of ``steps:``: halvings, or one direct round."""
+    mode, teacher, student = steps.get("mode", "progressive"), steps.get("teacher_steps"), steps.get("student_steps")
+    if mode not in MODES:
+        raise ConfigError(f"steps.mode must be one of {MODES}, got {mode!r}")
+    for key, value in (("teacher_steps", teacher), ("student_steps", student)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"steps.{key} must be a positive integer, got {value!r}")
+    if student >= teacher or teacher % student:
+        raise ConfigError(
+            f"steps.student_steps={student} must be smaller than steps.teacher_steps={teacher} and divide it "
+            "(each student step replaces a whole number of teacher steps)"
+        )
+    if mode == "direct":
+        return [(teacher, student)]
+    ratio = teacher // student
+    if ratio & (ratio - 1):
+        raise ConfigError(
+            f"progressive distillation halves the steps: teacher_steps / student_steps = {ratio} must be a power of 2 "
+            f"(e.g. teacher_steps={student * 2 ** ratio.bit_length() // 2}), or use steps.mode=direct"
+        )
+    pairs, current = [], teacher
+    while current > student:
+        pairs.append((current, current // 2))
+        current //= 2
+    return pairs
+
+
+# --- the student and its loss ----------------------------------------------------------------------
+def make_student(teacher, steps: int, fold_dim: int | None):
+    """A copy of ``teacher`` recording ``distilled_steps=steps``; with ``fold_dim``, and a teacher
+    without one, a guidance input of that width (zero: the student starts as the teacher)."""
+    if fold_dim and guidance_dim(teacher) is None:
+        teacher = add_guidance_input(teacher, fold_dim)
+    config = {key: value for key, value in dict(teacher.config).items() if not key.startswith("_")}
+    student = type(teacher).from_config({**config, "distilled_steps": steps}).to(teacher.device, teacher.dtype)
+    student.load_state_dict(teacher.state_dict())
+    return student
+
+
+def guidance_scales(batch: int, guidance: dict, generator: torch.Generator) -> torch.Tensor:
+    """Per sample: ``w ~ U[scale_min, scale_max]`` with probability ``cfg_prob``, else 1 (plain);
+    all 1 when guidance is not folded into the student."""
+    if not guidance.get("fold", False):
+        return torch.ones(batch)
+    low, high = float(guidance.get("scale_min", 2.0)), float(guidance.get("scale_max", 8.0))
+    scales = low + (high - low) * torch.rand(batch, generator=generator)
+    guided = torch.rand(batch, generator=generator) < float(guidance.get("cfg_prob", 0.5))
+    return torch.where(guided, scales, torch.ones(batch))
+
+
+def distillation_pair(
+    student,
+    teacher,
+    scheduler,
+    clean: torch.Tensor,
+    conditions: dict,
+    unconditional: dict,
+    student_steps: int,
+    substeps: int,
+    scales: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(student v, target v)`` for a batch of clean latents: a random step of the student's
+    ``student_steps`` grid per sample, the teacher's ``substeps`` DDIM steps across it (guided at
+    ``scales``), and the v that takes the student there in one step. Works for the LSDM and a
+    plain ``UNet2DConditionModel`` alike (``conditions``: the model's keyword inputs)."""
+    starts, ends = student_grid(scheduler, student_steps)
+    index = torch.randint(len(starts), (clean.shape[0],), generator=generator)
+    start, end = starts[index].to(clean.device), ends[index].to(clean.device)
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+    latents = noised(scheduler, clean, noise, start)
+    with torch.no_grad():
+        landed, path = latents, teacher_path(start, end, substeps)
+        for here, there in zip(path[:-1], path[1:], strict=True):
+            v = guided_v(teacher, landed, here, conditions, unconditional, scales)
+            landed = ddim_step(scheduler, landed, v.to(latents.dtype), here, there)
+        target = distillation_target(scheduler, latents, start, landed, end)
+    return guided_v(student, latents, start, conditions, unconditional, scales), target
+
+
+# --- the recipe ------------------------------------------------------------------------------------
+def distill_steps(config: dict, resume: str | None = None) -> dict:
+    """Every round in turn; returns the report (also ``OUTPUT/train_report.json``)."""
+    from distill.measure import load_pipeline
+
+    check_config(config)
+    output = Path(config["output"])
+    plan = rounds(config["steps"])
+    report = {"mode": config["steps"].get("mode", "progressive"), "rounds": []}
+    source, started = Path(config["teacher"]), time.perf_counter()  # each round's teacher
+    for teacher_steps, student_steps in plan:
+        folder = output / "rounds" / f"steps-{student_steps}"
+        finished = (folder / "train_report.json").is_file() and (folder / "pipeline" / "model_index.json").is_file()
+        if resume and finished:
+            print(f"[distill steps] round {teacher_steps} → {student_steps} steps: done earlier ({folder})")
+            round_report = json.loads((folder / "train_report.json").read_text())
+        else:
+            round_report = train_round(config, source, folder, teacher_steps, student_steps, resume)
+            resume = "latest" if resume else None  # a checkpoint path named the round it belongs to
+        report["rounds"].append({key: round_report.get(key) for key in ROUND_SUMMARY})
+        source = folder
+    final = load_pipeline(source)
+    if (output / "pipeline").exists():
+        shutil.rmtree(output / "pipeline")
+    final.save_pretrained(output / "pipeline")
+    report.update(student_steps=plan[-1][1], teacher_steps=plan[0][0], wall_s=round(time.perf_counter() - started, 2))
+    report["guidance_folded"] = guidance_dim(final.unet) is not None
+    (output / "train_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+ROUND_SUMMARY = ("teacher_steps", "student_steps", "steps", "first_loss", "last_loss", "wall_s")
+
+
+def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: int, student_steps: int, resume):
+    """One round: the teacher at ``teacher_steps`` → a student at ``student_steps``."""
+    from distill.measure import load_pipeline
+    from hyperhuman.lsdm.data import Batches
+    from hyperhuman.lsdm.model import LatentStructuralUNet
+    from hyperhuman.lsdm.train import (
+        branch_losses,
+        cached_latents,
+        check_resolution,
+        drop_conditions,
+        first_samples,
+        make_pipeline,
+        run_validation,
+    )
+    from hyperhuman.text import encode_prompts
+
+    data, train, guidance = config["data"], config["train"], config.get("guidance") or {}
+    seed = config.get("seed", 0)
+    accelerator = make_accelerator(train, output)
+    torch.manual_seed(seed)
+    teacher_pipeline = load_pipeline(teacher_run)
+    teacher = teacher_pipeline.unet.requires_grad_(False).eval()
+    if not isinstance(teacher, LatentStructuralUNet):
+        raise ConfigError(f"teacher={str(teacher_run)!r} holds a {type(teacher).__name__}, not an LSDM")
+    vae, tokenizer, text_encoder = teacher_pipeline.vae, teacher_pipeline.tokenizer, teacher_pipeline.text_encoder
+    scheduler_config = {k: v for k, v in teacher_pipeline.scheduler.config.items() if not k.startswith("_")}
+    scheduler = teacher_pipeline.scheduler
+    fold = bool(guidance.get("fold", False))
+    student = make_student(teacher, student_steps, guidance.get("dim", DEFAULT_DIM) if fold else None)
+    check_resolution(data["resolution"], teacher_pipeline.vae_scale_factor, 2**student.trunk.num_upsamplers)
+    for frozen in (vae, text_encoder, teacher):
+        frozen.requires_grad_(False).to(accelerator.device)
+
+    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, student, train)
+    state = restore(accelerator, output, resume, "distill steps")
+    global_step, micro_step = state["global_step"], state["micro_step"]
+    batches = Batches(data, train["batch_size"], seed, **state["data"])
+    names = list(teacher.config.branches)
+    substeps = teacher_steps // student_steps
+    empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
+    # Folded guidance always sees the prompt (w carries the guidance); a plain student also learns
+    # the unconditional prediction it will be guided with.
+    text_dropout = 0.0 if fold else train.get("condition_dropout", 0.15)
+    cache = {} if data.get("cache_latents") else None
+
+    validation = config.get("validation", {})
+    validation_batch = None
+    if accelerator.is_main_process:
+        accelerator.init_trackers("distill-steps", config={"teacher_steps": teacher_steps, "student": student_steps})
+        if validation.get("every"):
+            validation_batch = first_samples(data, validation.get("num_samples", 2), seed)
+            if global_step == 0:
+                at_teacher = {**validation, "num_inference_steps": teacher_steps}
+                grid = run_validation(accelerator, teacher_pipeline, at_teacher, validation_batch, output, 0)
+                grid.rename(grid.with_name("teacher.png"))
+    at_student = {**validation, "num_inference_steps": student_steps}
+
+    losses, started = [], time.perf_counter()
+    model.train()
+    while global_step < train["max_train_steps"]:
+        batch = next(batches)
+        generator = step_generator(seed, micro_step, accelerator.process_index)
+        micro_step += 1
+        with accelerator.accumulate(model):
+            latents = cached_latents(cache, batch, vae, teacher, names, generator)
+            states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], accelerator.device)
+            states, mask, pose_latent = drop_conditions(
+                states, mask, latents["pose"], empty_states, empty_mask, text_dropout, 0.0, generator
+            )
+            size = states.shape[0]
+            conditions = {"encoder_hidden_states": states, "encoder_attention_mask": mask, "pose_latent": pose_latent}
+            unconditional = {
+                "encoder_hidden_states": empty_states.expand(size, -1, -1),
+                "encoder_attention_mask": empty_mask.expand(size, -1),
+                "pose_latent": pose_latent,  # text-only guidance, as the pipeline guides
+            }
+            clean = torch.cat([latents[name] for name in names], dim=1)
+            scales = guidance_scales(size, guidance, generator)
+            prediction, target = distillation_pair(
+                model, teacher, scheduler, clean, conditions, unconditional, student_steps, substeps, scales, generator
+            )
+            loss = sum(branch_losses(prediction, list(target.chunk(len(names), dim=1))))
+            optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(model.parameters())
+        losses.append(loss.item())
+        accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if global_step % train.get("log_every", 10) == 0 or global_step == 1:
+            accelerator.print(
+                f"[distill steps] {teacher_steps} → {student_steps} steps: "
+                f"step {global_step}/{train['max_train_steps']} loss {losses[-1]:.4f}"
+            )
+        if global_step % train["checkpointing_steps"] == 0:
+            save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
+        if accelerator.is_main_process and validation_batch is not None and global_step % validation["every"] == 0:
+            pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config)
+            run_validation(accelerator, pipeline, at_student, validation_batch, output, global_step)
+
+    accelerator.wait_for_everyone()
+    report = {"teacher": str(teacher_run), "teacher_steps": teacher_steps, "student_steps": student_steps}
+    report.update(steps=global_step, wall_s=round(time.perf_counter() - started, 2), losses=losses)
+    report["weights_sha256_per_process"] = check_processes_agree(
+        accelerator, accelerator.unwrap_model(model), "distill steps"
+    )
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config)
+        pipeline.save_pretrained(output / "pipeline")
+        if losses:
+            report.update(first_loss=losses[0], last_loss=losses[-1])
+        (output / "train_report.json").write_text(json.dumps(report, indent=1))
+    accelerator.end_training()
+    return report
