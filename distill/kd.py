@@ -42,6 +42,7 @@ from hyperhuman.training import (
     TRAIN_KEYS,
     VALIDATION_KEYS,
     check_processes_agree,
+    check_train_counts,
     make_accelerator,
     optimizer_step,
     prepare_for_training,
@@ -83,16 +84,11 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     skip = kd.get("skip_prob", 0.0)
     if not isinstance(skip, int | float) or not 0 <= skip < 1:
         raise ConfigError(f"kd.skip_prob must be in [0, 1), got {skip!r}")
-    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
-        if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    check_train_counts(train)
     if check_paths:
-        teacher = Path(config["teacher"])
-        if not (teacher / "pipeline" / "model_index.json").is_file() and not (teacher / "model_index.json").is_file():
-            raise ConfigError(
-                f"teacher={config['teacher']!r} is not a run folder with pipeline/ (what train-lsdm or a distill "
-                "stage writes): --set teacher=runs/NAME"
-            )
+        from distill.measure import check_teacher_run
+
+        check_teacher_run(config["teacher"])
         student_spec(config["student"])
         init = config.get("student_init")
         if init is not None and not (Path(init) / "pipeline" / "model_index.json").is_file():

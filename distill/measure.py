@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyperhuman.config import ConfigError
 from hyperhuman.lsdm.model import BRANCHES
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
 
@@ -39,15 +40,28 @@ PSNR_CLAMP_DB = 100.0  # identical outputs have infinite PSNR; JSON has no infin
 ENCODE_BATCH = 8
 
 
+def pipeline_folder(path: str | Path) -> Path | None:
+    """``path/pipeline`` of a run folder, ``path`` of a pipeline folder, else ``None``."""
+    path = Path(path)
+    if (path / "pipeline" / "model_index.json").is_file():
+        return path / "pipeline"
+    return path if (path / "model_index.json").is_file() else None
+
+
+def check_teacher_run(value) -> None:
+    """A config's ``teacher:``: a run (or pipeline) folder, or a ConfigError saying how to give one."""
+    if pipeline_folder(value) is None:
+        raise ConfigError(
+            f"teacher={value!r} is not a run folder with pipeline/ (what train-lsdm or a distill stage writes): "
+            "--set teacher=runs/NAME"
+        )
+
+
 def load_pipeline(path: str | Path) -> HyperHumanPipeline:
     """The pipeline of a run folder (holding ``pipeline/``) or a pipeline folder itself (holding
     ``model_index.json``), in eval mode with its progress bar off."""
-    path = Path(path)
-    if (path / "pipeline" / "model_index.json").is_file():
-        folder = path / "pipeline"
-    elif (path / "model_index.json").is_file():
-        folder = path
-    else:
+    folder = pipeline_folder(path)
+    if folder is None:
         raise FileNotFoundError(
             f"{str(path)!r} is not a run folder with pipeline/ or a pipeline folder with model_index.json; "
             "point it at what train-lsdm or a distill stage wrote"

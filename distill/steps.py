@@ -43,6 +43,7 @@ from hyperhuman.training import (
     TRAIN_KEYS,
     VALIDATION_KEYS,
     check_processes_agree,
+    check_train_counts,
     make_accelerator,
     optimizer_step,
     prepare_for_training,
@@ -89,16 +90,11 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     if not isinstance(share, int | float) or not 0 <= share <= 1:
         raise ConfigError(f"guidance.cfg_prob must be in [0, 1], got {share!r}")
     train = config["train"]
-    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
-        if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    check_train_counts(train)
     if check_paths:
-        teacher = Path(config["teacher"])
-        if not (teacher / "pipeline" / "model_index.json").is_file() and not (teacher / "model_index.json").is_file():
-            raise ConfigError(
-                f"teacher={config['teacher']!r} is not a run folder with pipeline/ (what train-lsdm or a distill "
-                "stage writes): --set teacher=runs/NAME"
-            )
+        from distill.measure import check_teacher_run
+
+        check_teacher_run(config["teacher"])
         check_data(config["data"])
 
 

@@ -57,6 +57,13 @@ TRAIN_KEYS = {
 VALIDATION_KEYS = dict.fromkeys(["every", "num_samples", "num_inference_steps", "guidance_scale"])
 
 
+def check_train_counts(train: dict) -> None:
+    """The ``train:`` counts every recipe needs: positive integers, or a ConfigError naming the key."""
+    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
+        if not isinstance(train.get(key), int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
     found = [p for p in (output / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))

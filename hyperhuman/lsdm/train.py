@@ -38,6 +38,7 @@ from hyperhuman.training import (
     TRAIN_KEYS,
     VALIDATION_KEYS,
     check_processes_agree,
+    check_train_counts,
     image_grid,
     make_accelerator,
     optimizer_step,
@@ -95,9 +96,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         raise ConfigError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
     if not model.get("pretrained_unet") and not model.get("unet"):
         raise ConfigError("set model.pretrained_unet (an SD-style UNet directory) or model.unet (an architecture)")
-    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
-        if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    check_train_counts(train)
     if data.get("cache_latents") and (data.get("random_crop", True) or data.get("flip_prob", 0.5)):
         raise ConfigError(
             "data.cache_latents needs fixed crops: set data.random_crop=false and data.flip_prob=0 "

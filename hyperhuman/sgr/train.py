@@ -51,6 +51,7 @@ from hyperhuman.training import (
     TRAIN_KEYS,
     VALIDATION_KEYS,
     check_processes_agree,
+    check_train_counts,
     gather_from_processes,
     image_grid,
     make_accelerator,
@@ -101,9 +102,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         raise ConfigError("model.vae is not set: a VAE directory (SD's vae/, or one made by `hyperhuman train-vae`)")
     if not model.get("pretrained_unet") and not model.get("unet"):
         raise ConfigError("set model.pretrained_unet (the base UNet's folder) or model.unet (an architecture)")
-    for key in ("batch_size", "max_train_steps", "checkpointing_steps"):
-        if not isinstance(train.get(key), int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
+    check_train_counts(train)
     if check_paths:
         check_data(data)
         if not os.path.isdir(model["vae"]):
