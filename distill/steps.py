@@ -1,9 +1,10 @@
 """``hyperhuman distill steps``: step distillation — a student that samples in K DDIM steps what the
 teacher samples in N, optionally with classifier-free guidance folded in.
 
-Each training step draws a sample from the shards (all branches' latents stacked, as the LSDM
-samples them: one timestep shared by the branches), a student step ``t → s`` of the K-step grid
-and noise; the frozen teacher takes ``N / K`` DDIM steps from ``z_t`` to ``z_s``, and the student
+The teacher is an LSDM run or a diffusers ``StableDiffusionPipeline`` folder
+(:mod:`distill.step_models`). Each training step draws a sample from the shards (for the LSDM all
+branches' latents stacked, as it samples them: one timestep shared by the branches), a student
+step ``t → s`` of the K-step grid and noise; the frozen teacher takes ``N / K`` DDIM steps from ``z_t`` to ``z_s``, and the student
 learns the v whose single DDIM step lands there (:func:`distill.ddim.distillation_target`).
 Two modes (``steps.mode``):
 
@@ -22,8 +23,10 @@ Output: ``OUTPUT/rounds/steps-K/`` per round (checkpoints, TensorBoard logs, val
 ``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — its
 ``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` = the last round's, which
 ``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like any other: the student's
-config records ``distilled_steps`` (the pipeline's default step count), the schedule is the
-teacher's. ``--resume latest`` skips the finished rounds and continues the current one exactly.
+config records ``distilled_steps`` (the pipeline's and ``hyperhuman eval``'s default step count),
+the schedule is the teacher's. A Stable Diffusion teacher gives a ``StableDiffusionPipeline``
+(sample it with ``num_inference_steps=K``; with guidance folded in, diffusers' pipeline feeds the
+scale through ``timestep_cond`` and skips the unconditional pass itself). ``--resume latest`` skips the finished rounds and continues the current one exactly.
 """
 
 from __future__ import annotations
@@ -128,12 +131,14 @@ def rounds(steps: dict) -> list[tuple[int, int]]:
 
 # --- the student and its loss ----------------------------------------------------------------------
 def make_student(teacher, steps: int, fold_dim: int | None):
-    """A copy of ``teacher`` recording ``distilled_steps=steps``; with ``fold_dim``, and a teacher
+    """A copy of ``teacher`` (an LSDM records ``distilled_steps=steps``); with ``fold_dim``, and a teacher
     without one, a guidance input of that width (zero: the student starts as the teacher)."""
     if fold_dim and guidance_dim(teacher) is None:
         teacher = add_guidance_input(teacher, fold_dim)
     config = {key: value for key, value in dict(teacher.config).items() if not key.startswith("_")}
-    student = type(teacher).from_config({**config, "distilled_steps": steps}).to(teacher.device, teacher.dtype)
+    if "distilled_steps" in config:  # the LSDM records it; a plain UNet's config has no such key
+        config["distilled_steps"] = steps
+    student = type(teacher).from_config(config).to(teacher.device, teacher.dtype)
     student.load_state_dict(teacher.state_dict())
     return student
 
@@ -182,7 +187,7 @@ def distillation_pair(
 # --- the recipe ------------------------------------------------------------------------------------
 def distill_steps(config: dict, resume: str | None = None) -> dict:
     """Every round in turn; returns the report (also ``OUTPUT/train_report.json``)."""
-    from distill.measure import load_pipeline
+    from distill.step_models import load_teacher
 
     check_config(config)
     output = Path(config["output"])
@@ -200,7 +205,7 @@ def distill_steps(config: dict, resume: str | None = None) -> dict:
             resume = "latest" if resume else None  # a checkpoint path named the round it belongs to
         report["rounds"].append({key: round_report.get(key) for key in ROUND_SUMMARY})
         source = folder
-    final = load_pipeline(source)
+    final = load_teacher(source).pipeline
     if (output / "pipeline").exists():
         shutil.rmtree(output / "pipeline")
     final.save_pretrained(output / "pipeline")
@@ -215,48 +220,31 @@ ROUND_SUMMARY = ("teacher_steps", "student_steps", "steps", "first_loss", "last_
 
 def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: int, student_steps: int, resume):
     """One round: the teacher at ``teacher_steps`` → a student at ``student_steps``."""
-    from distill.measure import load_pipeline
+    from distill.step_models import LatentCache, load_teacher
     from hyperhuman.lsdm.data import Batches
-    from hyperhuman.lsdm.model import LatentStructuralUNet
-    from hyperhuman.lsdm.train import (
-        branch_losses,
-        cached_latents,
-        check_resolution,
-        drop_conditions,
-        first_samples,
-        make_pipeline,
-        run_validation,
-    )
-    from hyperhuman.text import encode_prompts
+    from hyperhuman.lsdm.train import check_resolution, first_samples
 
     data, train, guidance = config["data"], config["train"], config.get("guidance") or {}
     seed = config.get("seed", 0)
     accelerator = make_accelerator(train, output)
     torch.manual_seed(seed)
-    teacher_pipeline = load_pipeline(teacher_run)
-    teacher = teacher_pipeline.unet.requires_grad_(False).eval()
-    if not isinstance(teacher, LatentStructuralUNet):
-        raise ConfigError(f"teacher={str(teacher_run)!r} holds a {type(teacher).__name__}, not an LSDM")
-    vae, tokenizer, text_encoder = teacher_pipeline.vae, teacher_pipeline.tokenizer, teacher_pipeline.text_encoder
-    scheduler_config = {k: v for k, v in teacher_pipeline.scheduler.config.items() if not k.startswith("_")}
-    scheduler = teacher_pipeline.scheduler
+    family = load_teacher(teacher_run)
+    teacher, scheduler = family.unet, family.pipeline.scheduler
     fold = bool(guidance.get("fold", False))
     student = make_student(teacher, student_steps, guidance.get("dim", DEFAULT_DIM) if fold else None)
-    check_resolution(data["resolution"], teacher_pipeline.vae_scale_factor, 2**student.trunk.num_upsamplers)
-    for frozen in (vae, text_encoder, teacher):
-        frozen.requires_grad_(False).to(accelerator.device)
+    down_factor = 2 ** getattr(teacher, "trunk", teacher).num_upsamplers  # the LSDM's branches share a trunk
+    check_resolution(data["resolution"], family.pipeline.vae_scale_factor, down_factor)
+    family.to(accelerator.device)
 
     model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, student, train)
     state = restore(accelerator, output, resume, "distill steps")
     global_step, micro_step = state["global_step"], state["micro_step"]
     batches = Batches(data, train["batch_size"], seed, **state["data"])
-    names = list(teacher.config.branches)
     substeps = teacher_steps // student_steps
-    empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
     # Folded guidance always sees the prompt (w carries the guidance); a plain student also learns
     # the unconditional prediction it will be guided with.
     text_dropout = 0.0 if fold else train.get("condition_dropout", 0.15)
-    cache = {} if data.get("cache_latents") else None
+    cache = LatentCache(bool(data.get("cache_latents")))
 
     validation = config.get("validation", {})
     validation_batch = None
@@ -266,7 +254,7 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
             validation_batch = first_samples(data, validation.get("num_samples", 2), seed)
             if global_step == 0:
                 at_teacher = {**validation, "num_inference_steps": teacher_steps}
-                grid = run_validation(accelerator, teacher_pipeline, at_teacher, validation_batch, output, 0)
+                grid = family.validate(accelerator, family.pipeline, at_teacher, validation_batch, output, 0)
                 grid.rename(grid.with_name("teacher.png"))
     at_student = {**validation, "num_inference_steps": student_steps}
 
@@ -277,24 +265,12 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
         generator = step_generator(seed, micro_step, accelerator.process_index)
         micro_step += 1
         with accelerator.accumulate(model):
-            latents = cached_latents(cache, batch, vae, teacher, names, generator)
-            states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], accelerator.device)
-            states, mask, pose_latent = drop_conditions(
-                states, mask, latents["pose"], empty_states, empty_mask, text_dropout, 0.0, generator
-            )
-            size = states.shape[0]
-            conditions = {"encoder_hidden_states": states, "encoder_attention_mask": mask, "pose_latent": pose_latent}
-            unconditional = {
-                "encoder_hidden_states": empty_states.expand(size, -1, -1),
-                "encoder_attention_mask": empty_mask.expand(size, -1),
-                "pose_latent": pose_latent,  # text-only guidance, as the pipeline guides
-            }
-            clean = torch.cat([latents[name] for name in names], dim=1)
-            scales = guidance_scales(size, guidance, generator)
+            clean, conditions, unconditional = family.inputs(batch, cache, text_dropout, generator)
+            scales = guidance_scales(clean.shape[0], guidance, generator)
             prediction, target = distillation_pair(
                 model, teacher, scheduler, clean, conditions, unconditional, student_steps, substeps, scales, generator
             )
-            loss = sum(branch_losses(prediction, list(target.chunk(len(names), dim=1))))
+            loss = family.loss(prediction, target)
             optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
         if not accelerator.sync_gradients:
             continue
@@ -311,8 +287,8 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
         if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if accelerator.is_main_process and validation_batch is not None and global_step % validation["every"] == 0:
-            pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config)
-            run_validation(accelerator, pipeline, at_student, validation_batch, output, global_step)
+            pipeline = family.make_pipeline(trained_copy(accelerator, model, ema))
+            family.validate(accelerator, pipeline, at_student, validation_batch, output, global_step)
 
     accelerator.wait_for_everyone()
     report = {"teacher": str(teacher_run), "teacher_steps": teacher_steps, "student_steps": student_steps}
@@ -321,10 +297,19 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
         accelerator, accelerator.unwrap_model(model), "distill steps"
     )
     if accelerator.is_main_process:
-        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config)
-        pipeline.save_pretrained(output / "pipeline")
+        family.make_pipeline(trained_copy(accelerator, model, ema)).save_pretrained(output / "pipeline")
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
+
+
+def trained_copy(accelerator, model, ema):
+    """A copy of the trained UNet in eval mode: the EMA weights when EMA is on."""
+    unwrapped = accelerator.unwrap_model(model)
+    unet = type(unwrapped).from_config(unwrapped.config)
+    unet.load_state_dict(unwrapped.state_dict())
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    return unet.to(unwrapped.device, unwrapped.dtype).eval()

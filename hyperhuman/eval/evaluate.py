@@ -60,7 +60,7 @@ DEFAULTS = {
     "num": 16,
     "seed": 0,
     "batch_size": 4,
-    "num_inference_steps": 20,
+    "num_inference_steps": None,  # the model's own: a step-distilled student's distilled_steps, else 20
     "guidance_scale": 3.0,
     "resolution": None,
     "pose_annotator": {"name": "mediapipe-pose", "options": {"erase_rounds": 3}},
@@ -85,10 +85,10 @@ def check_eval_config(config: dict) -> dict:
         raise ConfigError(f"unknown eval keys {unknown}; known: {sorted(DEFAULTS)} (see configs/eval/default.yaml)")
     settings = {**DEFAULTS, **config}
     counts = ("num", "batch_size", "num_inference_steps", "pose_resolution", "feature_batch_size", "kid_subsets")
-    sizes = ("resolution", "refiner_resolution")  # null: the model's own
-    for key in (*counts, "kid_subset_size", "refiner_steps", *sizes):
+    models_own = ("resolution", "refiner_resolution", "num_inference_steps")  # null: the model's own
+    for key in (*counts, "kid_subset_size", "refiner_steps", *models_own):
         value = settings[key]
-        if value is None and key in sizes:
+        if value is None and key in models_own:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
@@ -112,6 +112,11 @@ def pipeline_path(model: str | os.PathLike, command: str = "hyperhuman train-lsd
 
 def model_resolution(pipe) -> int:
     return pipe.unet.config.unet["sample_size"] * pipe.vae_scale_factor
+
+
+def model_steps(pipe) -> int:
+    """The step count a model samples at by default: a step-distilled student's own, else 20."""
+    return pipe.unet.config.get("distilled_steps") or 20
 
 
 def eval_conditions(shards: str, num: int, resolution: int, storage_options: dict | None = None) -> list[dict]:
@@ -230,13 +235,14 @@ def run_eval(model: str, shards: str, output: str | None, config: dict, overwrit
     output = Path(output) if output else path.parent / "eval" if path.name == "pipeline" else path / "eval"
     pipe = HyperHumanPipeline.from_pretrained(path)
     resolution = settings["resolution"] or model_resolution(pipe)
+    steps = settings["num_inference_steps"] or model_steps(pipe)
     if refiner_path is not None:
         from hyperhuman.sgr.pipeline import StructureGuidedRefinerPipeline, TwoStagePipeline
 
         refiner = StructureGuidedRefinerPipeline.from_pretrained(refiner_path)
         pipe = TwoStagePipeline(pipe, refiner)
         resolution = settings["refiner_resolution"] or refiner.unet.config.sample_size * refiner.vae_scale_factor
-    settings = {**settings, "resolution": resolution}
+    settings = {**settings, "resolution": resolution, "num_inference_steps": steps}
     pipe.set_progress_bar_config(disable=True)
     conditions = eval_conditions(shards, settings["num"], resolution, settings["storage_options"])
     fingerprint = generation_fingerprint(path, refiner_path, settings)

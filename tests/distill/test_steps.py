@@ -143,9 +143,9 @@ def test_progressive_rounds_with_guidance_folded_in_make_a_one_evaluation_pipeli
     pose = {"width": 16, "height": 16, "people": []}
     result = pipeline("a person", pose=pose, height=16, width=16, guidance_scale=4.0, output_type="np")
     assert result.rgb.shape == (1, 16, 16, 3) and calls == [1]  # one step, no unconditional half
-    settings = {"num": 2, "num_inference_steps": 1, "batch_size": 2, "pose_resolution": 64}
-    evaluated = run_eval(str(output), str(distill_shards), str(tmp_path / "eval"), settings)  # hyperhuman eval
-    assert evaluated["info"]["samples"] == 2
+    settings = {"num": 2, "batch_size": 2, "pose_resolution": 64}  # hyperhuman eval, no step count given
+    evaluated = run_eval(str(output), str(distill_shards), str(tmp_path / "eval"), settings)
+    assert evaluated["info"]["samples"] == 2 and evaluated["info"]["num_inference_steps"] == 1
 
     # --resume skips the finished rounds: nothing is retrained
     before = (output / "rounds" / "steps-1" / "train_report.json").stat().st_mtime_ns
@@ -167,3 +167,46 @@ def test_bad_configs_name_the_key(teacher_run, distill_shards, tmp_path):
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_config({**good, **change})
+
+
+@pytest.fixture(scope="module")
+def sd_teacher_run(tmp_path_factory):
+    """A diffusers StableDiffusionPipeline folder at toy size: a plain UNet2DConditionModel teacher."""
+    from diffusers import StableDiffusionPipeline
+
+    from hyperhuman.lsdm.testing import tiny_text_encoder, tiny_vae
+    from tests.distill.conftest import teacher_unet
+
+    tokenizer, text_encoder = tiny_text_encoder(0)
+    tokenizer.model_max_length = 16  # the prompts' token count in SD's encode_prompt
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(0), text_encoder=text_encoder, tokenizer=tokenizer, unet=teacher_unet(0),
+        scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("sd-teacher") / "pipeline"
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_stable_diffusion_teacher_distils_into_a_one_evaluation_stable_diffusion_pipeline(
+    sd_teacher_run, distill_shards, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+
+    output = tmp_path / "run"
+    config = config_for(output, sd_teacher_run, distill_shards, "direct", 4, 2, fold=True, max_train_steps=4)
+    report = distill_steps(config)
+    assert report["guidance_folded"] and report["rounds"][0]["steps"] == 4
+    assert {p.name for p in (output / "rounds" / "steps-2" / "validation").iterdir()} == {"teacher.png", "step-3.png"}
+
+    pipeline = StableDiffusionPipeline.from_pretrained(output / "pipeline")  # an ordinary SD pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    teacher = StableDiffusionPipeline.from_pretrained(sd_teacher_run)
+    assert pipeline.scheduler.config == teacher.scheduler.config and guidance_dim(pipeline.unet) == 16
+    trained = pipeline.unet.state_dict()
+    assert any(not torch.equal(value, trained[name]) for name, value in teacher.unet.state_dict().items())
+    calls = []
+    pipeline.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    image = pipeline("a person", height=16, width=16, num_inference_steps=2, guidance_scale=4.0, output_type="np")
+    assert image.images.shape == (1, 16, 16, 3) and calls == [1, 1]  # one evaluation a step, no unconditional half
