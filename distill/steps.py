@@ -4,8 +4,9 @@ teacher samples in N, optionally with classifier-free guidance folded in.
 The teacher is an LSDM run or a diffusers ``StableDiffusionPipeline`` folder
 (:mod:`distill.step_models`). Each training step draws a sample from the shards (for the LSDM all
 branches' latents stacked, as it samples them: one timestep shared by the branches), a student
-step ``t → s`` of the K-step grid and noise; the frozen teacher takes ``N / K`` DDIM steps from ``z_t`` to ``z_s``, and the student
-learns the v whose single DDIM step lands there (:func:`distill.ddim.distillation_target`).
+step ``t → s`` of the K-step grid and noise; the frozen teacher takes ``N / K`` DDIM steps from
+``z_t`` to ``z_s``, and the student learns the v whose single DDIM step lands there
+(:func:`distill.ddim.distillation_target`).
 Two modes (``steps.mode``):
 
 - ``progressive`` (Salimans & Ho 2022): rounds that halve the steps, N → N/2 → … → K, each
@@ -26,7 +27,8 @@ Output: ``OUTPUT/rounds/steps-K/`` per round (checkpoints, TensorBoard logs, val
 config records ``distilled_steps`` (the pipeline's and ``hyperhuman eval``'s default step count),
 the schedule is the teacher's. A Stable Diffusion teacher gives a ``StableDiffusionPipeline``
 (sample it with ``num_inference_steps=K``; with guidance folded in, diffusers' pipeline feeds the
-scale through ``timestep_cond`` and skips the unconditional pass itself). ``--resume latest`` skips the finished rounds and continues the current one exactly.
+scale through ``timestep_cond`` and skips the unconditional pass itself). ``--resume latest``
+skips the finished rounds and continues the current one exactly.
 """
 
 from __future__ import annotations

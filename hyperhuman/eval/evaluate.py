@@ -115,8 +115,10 @@ def model_resolution(pipe) -> int:
 
 
 def model_steps(pipe) -> int:
-    """The step count a model samples at by default: a step-distilled student's own, else 20."""
-    return pipe.unet.config.get("distilled_steps") or 20
+    """The step count a model samples at by default: a step-distilled student's own, else 20 (also
+    for a pipeline without a UNet, such as the oracle generators of the tests)."""
+    unet = getattr(pipe, "unet", None)
+    return (unet.config.get("distilled_steps") if unet is not None else None) or 20
 
 
 def eval_conditions(shards: str, num: int, resolution: int, storage_options: dict | None = None) -> list[dict]:
