@@ -7,32 +7,27 @@ kept channels (:func:`expected_kept_channels`) pushes weights down where the tas
 the search has settled, :func:`remove_masked` slices the layers to the kept channels, and the smaller
 model computes exactly what the masked model computed.
 
-Prunable points, for a diffusers ``UNet2DConditionModel`` and for our ``LatentStructuralUNet``
-(found by type wherever they sit, so every branch and the trunk get their own masks). Each one is
-the inner width of a block: every block's input and output width, and so every skip tensor, stays
-as it is.
+Prunable points, for a diffusers ``UNet2DConditionModel`` and for our ``LatentStructuralUNet``:
+the inner width of every ResNet (in whole ``norm2`` groups), attention (whole heads) and
+feed-forward (:mod:`hyperhuman.unet_widths` says which layers each width spans and how removal
+slices them). Every block's input and output width, and so every skip tensor, stays as it is.
+Where each mask sits:
 
-- ``ResnetBlock2D``: conv1's output channels, in whole ``norm2`` groups. The mask multiplies what
-  conv2 reads (after norm2 and the nonlinearity), not conv1's output itself: a zeroed conv1 channel
-  still gets the time embedding added, and GroupNorm maps an all-zero group to its bias, so conv2
-  would still see it. Zeroing conv2's input is exactly a removal: dropping a whole group leaves
-  the other groups' statistics as they were. Removal slices conv1's rows, the time-embedding rows
-  (both halves under ``scale_shift``), norm2 (fewer groups of the same size) and conv2's columns.
-- ``Attention`` (self and cross): whole heads. The mask multiplies the heads' concatenated output as
-  ``to_out[0]`` reads it; removal slices to_q/to_k/to_v's rows and to_out[0]'s columns and sets
-  ``heads`` and the inner widths.
-- ``FeedForward``: the inner width, as the output linear reads it; removal slices the input
-  projection's rows (both the value and the gate half of GEGLU/SwiGLU) and the output linear's columns.
+- ``ResnetBlock2D``: it multiplies what conv2 reads (after norm2 and the nonlinearity), not
+  conv1's output itself: a zeroed conv1 channel still gets the time embedding added, and
+  GroupNorm maps an all-zero group to its bias, so conv2 would still see it. Zeroing conv2's input
+  is exactly a removal: dropping a whole group leaves the other groups' statistics as they were.
+- ``Attention`` (self and cross): it multiplies the heads' concatenated output as ``to_out[0]``
+  reads it.
+- ``FeedForward``: it multiplies the inner width as the output linear reads it.
 
 A mask is a child module of the block it prunes (``<block>.pas_mask``, so the optimiser and the
 state dict see it under the block's path) and a forward pre-hook on the layer that reads the masked
 tensor. Hooks rather than wrappers keep every parameter name of the model unchanged; the hook is
 the mask's own bound method, so ``copy.deepcopy`` of a masked model hooks the copy's masks.
 
-:func:`widths` records the width of every prunable point (module path → channels; an attention's
-heads are its width over the unchanged head size), a plain JSON-able dict that a model class can
-keep in its config: :func:`shrink_to_widths` gives a fresh model the shapes of a pruned one, so its
-state dict loads.
+After removal, :func:`widths` records the width of every prunable point, which the pruned model's
+config keeps (the LSDM's ``widths``, :class:`distill.students.EditedUNet2DConditionModel`'s).
 
     torch.manual_seed(0)
     masks = insert_masks(unet)                    # name → ChannelMask, all keeping everything
@@ -45,8 +40,7 @@ state dict loads.
 from __future__ import annotations
 
 import torch
-from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
-from diffusers.models.attention import FeedForward
+from diffusers.models.activations import GELU, ApproximateGELU, LinearActivation
 from diffusers.models.attention_processor import (
     Attention,
     AttnProcessor,
@@ -57,12 +51,36 @@ from diffusers.models.attention_processor import (
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from hyperhuman.unet_widths import (
+    GATED_ACTIVATIONS,
+    group_size,
+    prunable,
+    shrink_to_widths,
+    slice_block,
+    width,
+    widths,
+)
+
+__all__ = [  # the width helpers are re-exported: a pruning caller needs them next to the masks
+    "ChannelMask",
+    "expected_kept_channels",
+    "group_size",
+    "insert_masks",
+    "kept_fractions",
+    "masks_of",
+    "prunable",
+    "remove_masked",
+    "shrink_to_widths",
+    "width",
+    "widths",
+    "with_widths_recorded",
+]
+
 MASK_ATTRIBUTE = "pas_mask"  # the child name a mask takes inside the block it prunes
 THRESHOLD = 0.5  # PaS binarises at 0.5 and initialises above it, so a fresh mask keeps everything
 # Processors that compute each head on its own and concatenate the heads, in order, on the last axis
 # of to_out[0]'s input: what makes a head mask there a head removal.
 HEADWISE_PROCESSORS = (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, XFormersAttnProcessor)
-GATED_ACTIVATIONS = (GEGLU, SwiGLU)  # proj holds the value half, then the gate half
 PLAIN_ACTIVATIONS = (GELU, ApproximateGELU, LinearActivation)
 
 
@@ -146,36 +164,6 @@ class ChannelMask(nn.Module):
 
 
 # -- the prunable points -------------------------------------------------------------------------------------------
-
-
-def prunable(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ResnetBlock2D, Attention and FeedForward of the model, by module path, in module order."""
-    kinds = (ResnetBlock2D, Attention, FeedForward)
-    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
-
-
-def group_size(module: nn.Module) -> int:
-    """How many channels a prunable block keeps or drops together: a norm2 group, a head, one channel."""
-    if isinstance(module, ResnetBlock2D):
-        return module.conv1.out_channels // module.norm2.num_groups
-    if isinstance(module, Attention):
-        return module.to_q.out_features // module.heads
-    return 1
-
-
-def width(module: nn.Module) -> int:
-    """A prunable block's inner width in channels: conv1's outputs, the heads × head size, the FFN's inner width."""
-    if isinstance(module, ResnetBlock2D):
-        return module.conv1.out_channels
-    if isinstance(module, Attention):
-        return module.to_q.out_features
-    return module.net[2].in_features
-
-
-def widths(model: nn.Module) -> dict[str, int]:
-    """Module path → inner width (channels) of every prunable block: a JSON-able record of a pruned
-    model's shapes (an attention's heads are its width over its head size, which pruning keeps)."""
-    return {name: width(module) for name, module in prunable(model).items()}
 
 
 def _reader(module: nn.Module) -> nn.Module:
@@ -284,121 +272,23 @@ def remove_masked(model: nn.Module, masks: dict[str, ChannelMask]) -> nn.Module:
                 f"mask {name!r} is not the one inserted in this model (masks of a copy?); pass masks_of(model)"
             )
         # Slicing rebuilds the layer the mask hooks, so the hook goes with the old layer.
-        _slice(block, mask.kept_indices().to(mask.weight.device))
+        slice_block(block, mask.kept_indices().to(mask.weight.device))
         delattr(block, MASK_ATTRIBUTE)
     return model
 
 
-def shrink_to_widths(model: nn.Module, kept: dict[str, int]) -> nn.Module:
-    """Give a fresh model the shapes :func:`widths` recorded of a pruned one (its first channels of
-    each block, weights to be overwritten by the pruned model's state dict), in place; returns ``model``."""
-    blocks = prunable(model)
-    for name, count in kept.items():
-        if name not in blocks:
-            raise ValueError(f"widths name {name!r}, which is not a ResnetBlock2D, Attention or FeedForward here")
-        block, group = blocks[name], group_size(blocks[name])
-        if not 0 < count <= width(block) or count % group:
-            raise ValueError(
-                f"width {count} for {name!r}: it must be a positive multiple of {group} and at most {width(block)}"
-            )
-        if count < width(block):
-            _slice(block, torch.arange(count, device=_reader(block).weight.device))
-    return model
+def with_widths_recorded(model: nn.Module) -> nn.Module:
+    """A model whose config records its current widths (:func:`widths`), so ``save_pretrained`` /
+    ``from_pretrained`` give back the pruned shapes: the LSDM itself (its config has ``widths``);
+    for a plain UNet an :class:`distill.students.EditedUNet2DConditionModel` holding its weights."""
+    from distill.students import EditedUNet2DConditionModel, unet_config
 
-
-def _slice(block: nn.Module, channels: torch.Tensor) -> None:
-    if isinstance(block, ResnetBlock2D):
-        _slice_resnet(block, channels)
-    elif isinstance(block, Attention):
-        _slice_attention(block, channels)
-    else:
-        _slice_feedforward(block, channels)
-
-
-def _slice_resnet(resnet: ResnetBlock2D, channels: torch.Tensor) -> None:
-    full, group = resnet.conv1.out_channels, group_size(resnet)
-    resnet.conv1 = _conv(resnet.conv1, rows=channels)
-    if resnet.time_emb_proj is not None:
-        # Under scale_shift the projection holds a scale for every channel, then a shift for every channel.
-        rows = torch.cat([channels, channels + full]) if resnet.time_embedding_norm == "scale_shift" else channels
-        resnet.time_emb_proj = _linear(resnet.time_emb_proj, rows=rows)
-    resnet.norm2 = _group_norm(resnet.norm2, channels, groups=len(channels) // group)
-    resnet.conv2 = _conv(resnet.conv2, columns=channels)
-
-
-def _slice_attention(attention: Attention, channels: torch.Tensor) -> None:
-    head_size = group_size(attention)
-    attention.to_q = _linear(attention.to_q, rows=channels)
-    if attention.to_k is not None:  # only_cross_attention with added kv projections has none (refused before)
-        attention.to_k = _linear(attention.to_k, rows=channels)
-        attention.to_v = _linear(attention.to_v, rows=channels)
-    attention.to_out[0] = _linear(attention.to_out[0], columns=channels)
-    # The processors read the head count from `heads` and the head size from the projections' width.
-    attention.heads = attention.sliceable_head_dim = len(channels) // head_size
-    attention.inner_dim = attention.inner_kv_dim = len(channels)
-
-
-def _slice_feedforward(feedforward: FeedForward, channels: torch.Tensor) -> None:
-    activation = feedforward.net[0]
-    rows = channels
-    if isinstance(activation, GATED_ACTIVATIONS):  # proj = [value | gate]: keep the channel in both halves
-        rows = torch.cat([channels, channels + width(feedforward)])
-    activation.proj = _linear(activation.proj, rows=rows)
-    feedforward.net[2] = _linear(feedforward.net[2], columns=channels)
-
-
-# Each builds a new layer holding the kept rows (outputs) or columns (inputs) of the old one's weights,
-# on the old one's device and in its dtype; the bias follows the outputs.
-
-
-def _linear(layer: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
-    weight = layer.weight
-    weight = weight if rows is None else weight[rows]
-    weight = weight if columns is None else weight[:, columns]
-    bias = None if layer.bias is None else layer.bias if rows is None else layer.bias[rows]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    _copy(new, weight, bias)
-    return new
-
-
-def _conv(layer: nn.Conv2d, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Conv2d:
-    weight = layer.weight
-    weight = weight if rows is None else weight[rows]
-    weight = weight if columns is None else weight[:, columns]
-    bias = None if layer.bias is None else layer.bias if rows is None else layer.bias[rows]
-    new = nn.Conv2d(
-        weight.shape[1],
-        weight.shape[0],
-        layer.kernel_size,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        bias=bias is not None,
-        padding_mode=layer.padding_mode,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    _copy(new, weight, bias)
-    return new
-
-
-def _group_norm(norm: nn.GroupNorm, channels: torch.Tensor, groups: int) -> nn.GroupNorm:
-    reference = norm.weight if norm.affine else None
-    new = nn.GroupNorm(
-        groups,
-        len(channels),
-        eps=norm.eps,
-        affine=norm.affine,
-        device=None if reference is None else reference.device,
-        dtype=None if reference is None else reference.dtype,
-    )
-    if norm.affine:
-        _copy(new, norm.weight[channels], norm.bias[channels])
-    return new
-
-
-def _copy(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
+    recorded = widths(model)
+    if "widths" in model.config:  # the LSDM, or an edited UNet already
+        model.register_to_config(widths=recorded)
+        return model
+    edited = EditedUNet2DConditionModel(**unet_config(model), widths=recorded)
+    reference = next(model.parameters())
+    edited.to(device=reference.device, dtype=reference.dtype)
+    edited.load_state_dict(model.state_dict(), strict=True)
+    return edited.train(model.training)

@@ -32,6 +32,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from hyperhuman.unet_parts import PART, remove_parts, removed_parts
+from hyperhuman.unet_widths import shrink_to_widths
 
 BK_VARIANTS = ("bk-base", "bk-small", "bk-tiny")
 # UNet2DConditionModel arguments that may hold one value per stage (down-block order).
@@ -49,9 +50,10 @@ _BLOCK = re.compile(r"(?P<kind>down_blocks|up_blocks)\.(?P<index>\d+)(?P<rest>(?
 # -- a plain UNet that records its removed parts -------------------------------------------------
 
 
-def _edited_init(self, *args, removed_parts: list[str] | None = None, **kwargs):
+def _edited_init(self, *args, removed_parts: list[str] | None = None, widths: dict | None = None, **kwargs):
     UNet2DConditionModel.__init__.__wrapped__(self, *args, **kwargs)  # the config is registered once, here
     remove_parts(self, removed_parts or [])
+    shrink_to_widths(self, widths or {})
 
 
 _UNET_SIGNATURE = inspect.signature(UNet2DConditionModel.__init__)
@@ -59,13 +61,15 @@ _edited_init.__signature__ = _UNET_SIGNATURE.replace(
     parameters=[
         *_UNET_SIGNATURE.parameters.values(),
         inspect.Parameter("removed_parts", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("widths", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
 )
 
 
 class EditedUNet2DConditionModel(UNet2DConditionModel):
-    """A ``UNet2DConditionModel`` with some ResNets and attentions removed (``removed_parts`` in its
-    config, next to every stock argument), so it round-trips ``save_pretrained``/``from_pretrained``
+    """A ``UNet2DConditionModel`` with some ResNets and attentions removed (``removed_parts``) or
+    some inner widths pruned (``widths``, :mod:`hyperhuman.unet_widths`), both recorded in its
+    config next to every stock argument, so it round-trips ``save_pretrained``/``from_pretrained``
     and drops in wherever a ``UNet2DConditionModel`` goes."""
 
     __init__ = register_to_config(_edited_init)
@@ -77,7 +81,8 @@ class EditedUNet2DConditionModel(UNet2DConditionModel):
 def unet_config(model: nn.Module) -> dict:
     """The ``UNet2DConditionModel`` arguments of a plain UNet or of an LSDM's branch view."""
     config = model.config.unet if is_lsdm(model) else model.config
-    return {key: value for key, value in dict(config).items() if not key.startswith("_") and key != "removed_parts"}
+    edits = ("removed_parts", "widths")
+    return {key: value for key, value in dict(config).items() if not key.startswith("_") and key not in edits}
 
 
 def is_lsdm(model: nn.Module) -> bool:
@@ -121,6 +126,11 @@ def _layers(config: dict) -> list[int]:
 def make_student(teacher: nn.Module, spec: str | dict) -> nn.Module:
     """A student of ``teacher`` (a UNet or an LSDM) with the kept weights copied: ``spec`` is a BK-SDM
     variant (:data:`BK_VARIANTS`) or ``{"remove": [part, ...]}`` (SnapFusion edits)."""
+    if getattr(teacher.config, "widths", None):
+        raise ValueError(
+            "this teacher's widths are pruned (its config records widths); make students from the unpruned "
+            "model — pruning comes after block removal, not before"
+        )
     if isinstance(spec, str):
         if removed_parts(teacher):
             raise ValueError(

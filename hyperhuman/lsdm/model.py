@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from hyperhuman.unet_parts import remove_parts
+from hyperhuman.unet_widths import shrink_to_widths
 
 BRANCHES = ("rgb", "depth", "normal")
 _UNET_DEFAULTS = inspect.signature(UNet2DConditionModel.__init__).parameters
@@ -79,6 +80,9 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
             e.g. ``branch.rgb.down_blocks.0.attentions.1``; see :mod:`hyperhuman.unet_parts`).
         distilled_steps: the number of sampling steps a step-distilled student was trained for
             (the pipeline's default ``num_inference_steps``); ``None`` for a model trained as usual.
+        widths: the inner widths of a pruned model's ResNets, attentions and feed-forwards (module
+            path → channels, see :mod:`hyperhuman.unet_widths`; ``hyperhuman prune`` writes them);
+            ``None``: every block at the width ``unet`` gives it.
     """
 
     _supports_gradient_checkpointing = True
@@ -96,6 +100,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         pose_renderer: str | None = None,
         removed_parts: list[str] | None = None,
         distilled_steps: int | None = None,
+        widths: dict[str, int] | None = None,
     ):
         super().__init__()
         unet = dict(unet)
@@ -110,6 +115,7 @@ class LatentStructuralUNet(ModelMixin, ConfigMixin):
         if merge == "weighted":
             self.merge_weights = nn.Parameter(torch.full((len(branches),), 1.0 / len(branches)))
         remove_parts(self, removed_parts or [])
+        shrink_to_widths(self, widths or {})
 
     # --- construction from a pretrained SD-style UNet ------------------------------------------
     @classmethod

@@ -23,6 +23,7 @@ from distill.pas import (
     remove_masked,
     shrink_to_widths,
     widths,
+    with_widths_recorded,
 )
 from hyperhuman.lsdm.model import LatentStructuralUNet
 
@@ -250,6 +251,31 @@ def test_the_widths_record_gives_a_fresh_model_the_pruned_shapes(tmp_path):
     fresh.load_state_dict(pruned.state_dict(), strict=True)
     inputs = inputs_for(pruned)
     assert torch.equal(output(fresh, inputs), output(pruned, inputs))
+
+
+@pytest.mark.parametrize("kind", TEACHERS)
+def test_a_pruned_model_saves_and_loads_as_itself(kind, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from distill.students import EditedUNet2DConditionModel
+
+    pruned = TEACHERS[kind](0).eval()
+    torch.manual_seed(0)
+    masks = insert_masks(pruned)
+    drop_some(masks)
+    remove_masked(pruned, masks)
+    inputs = inputs_for(pruned)
+    expected = output(pruned, inputs)
+
+    recorded = with_widths_recorded(pruned)
+    assert recorded.config.widths == widths(pruned)
+    assert isinstance(recorded, UNet2DConditionModel | LatentStructuralUNet)  # drops in where the teacher went
+    recorded.save_pretrained(tmp_path / "unet")
+    loaded = type(recorded).from_pretrained(tmp_path / "unet").eval()
+    if kind == "unet":
+        assert type(loaded) is EditedUNet2DConditionModel
+    assert widths(loaded) == widths(pruned)
+    assert torch.equal(output(loaded, inputs), expected)
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------
