@@ -29,6 +29,7 @@ import re
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (see below)
 from torch import nn
 
 from hyperhuman.unet_parts import PART, remove_parts, removed_parts
@@ -66,6 +67,9 @@ _edited_init.__signature__ = _UNET_SIGNATURE.replace(
 )
 
 
+# A pipeline's model_index.json names this class by its module, and diffusers' loader decides how
+# to load a component by looking `ModelMixin` up in that same module: the import above is what
+# makes `StableDiffusionPipeline.from_pretrained` load a pipeline holding an edited UNet.
 class EditedUNet2DConditionModel(UNet2DConditionModel):
     """A ``UNet2DConditionModel`` with some ResNets and attentions removed (``removed_parts``) or
     some inner widths pruned (``widths``, :mod:`hyperhuman.unet_widths`), both recorded in its

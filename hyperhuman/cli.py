@@ -209,6 +209,19 @@ def _distill_unet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from distill.prune import prune
+
+    config = load_config(args.config, args.overrides)
+    report = prune(config, resume=args.resume)
+    unit = report["cost_unit"]
+    reached = report["predicted_cost"] / report["teacher_cost"]
+    measured = f", measured {report['measured_cost']:.2f} ms" if "measured_cost" in report else ""
+    print(f"[prune] {unit} {reached:.1%} of the teacher's (target {report['target'] / report['teacher_cost']:.1%}"
+          f"{measured}); {report['params']:,} parameters; pipeline in {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
 def _distill_steps(args: argparse.Namespace) -> int:
     from distill.steps import distill_steps
 
@@ -404,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output", default=None, help="folder for evolve.json (default: MODEL/evolve)")
     search.set_defaults(func=_distill_evolve)
 
+    prune_parser = commands.add_parser(
+        "prune", help="Pruning-as-Search to a MACs or latency target, then a KD fine-tune of the smaller model"
+    )
+    _add_resume_option(prune_parser)
+    _add_config_options(prune_parser, "prune/tiny")
+    prune_parser.set_defaults(func=_prune)
+
     gallery_parser = commands.add_parser("gallery", help="static HTML galleries of shards or of an eval run")
     gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True, metavar="KIND")
     shards_gallery = gallery_commands.add_parser("shards", help="kept samples with every modality, and rejected rows")
@@ -450,6 +470,7 @@ RESUME_HINTS = {
     "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
     "distill": "for `distill unet`, `distill steps` or `distill vae-decoder`, rerun it with --resume latest to "
     "continue from the last checkpoint",
+    "prune": "rerun it with --resume latest to continue from the last checkpoint",
 }
 
 

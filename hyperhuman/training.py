@@ -162,14 +162,16 @@ def make_accelerator(train: dict, output: Path, find_unused_parameters: bool = F
     )
 
 
-def prepare_for_training(accelerator, model, train: dict):
-    """AdamW and its LR schedule over ``model``, an EMA copy when ``train.ema.use`` (registered so
-    checkpoints hold it), all prepared by accelerate: ``(model, optimizer, lr_scheduler, ema)``."""
+def prepare_for_training(accelerator, model, train: dict, param_groups: list[dict] | None = None):
+    """AdamW and its LR schedule over ``model`` (or over ``param_groups``, torch's optimizer groups
+    with their own options, e.g. a learning rate of their own), an EMA copy when ``train.ema.use``
+    (registered so checkpoints hold it), all prepared by accelerate: ``(model, optimizer,
+    lr_scheduler, ema)``."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        model.parameters() if param_groups is None else param_groups,
         lr=float(train.get("learning_rate", 1e-5)),
         betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
         weight_decay=float(train.get("weight_decay", 0.01)),

@@ -62,6 +62,12 @@ def check_distill_vae_decoder(config):
     check_config(config, check_paths=False)
 
 
+def check_prune(config):
+    from distill.prune import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_demo(config):
     """Each stage's config with the demo's overrides passes that stage's own checks."""
     from hyperhuman.config import apply_overrides
@@ -80,6 +86,7 @@ CHECKS = {
     "distill/unet": check_distill_unet,
     "distill/steps": check_distill_steps,
     "distill/vae-decoder": check_distill_vae_decoder,
+    "prune/": check_prune,
     "shards": check_shards,
     "demo": check_demo,
 }

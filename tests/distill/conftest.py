@@ -57,3 +57,21 @@ def teacher_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher-run")
     pipeline.save_pretrained(run / "pipeline")
     return run
+
+
+@pytest.fixture(scope="session")
+def sd_teacher_run(tmp_path_factory):
+    """A diffusers StableDiffusionPipeline folder at toy size: a plain UNet2DConditionModel teacher."""
+    from diffusers import StableDiffusionPipeline
+
+    from hyperhuman.lsdm.pipeline import make_scheduler
+
+    tokenizer, text_encoder = tiny_text_encoder(0)
+    tokenizer.model_max_length = 16  # the prompts' token count in SD's encode_prompt
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(0), text_encoder=text_encoder, tokenizer=tokenizer, unet=teacher_unet(0),
+        scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("sd-teacher") / "pipeline"
+    pipeline.save_pretrained(folder)
+    return folder

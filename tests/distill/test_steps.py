@@ -169,25 +169,6 @@ def test_bad_configs_name_the_key(teacher_run, distill_shards, tmp_path):
             check_config({**good, **change})
 
 
-@pytest.fixture(scope="module")
-def sd_teacher_run(tmp_path_factory):
-    """A diffusers StableDiffusionPipeline folder at toy size: a plain UNet2DConditionModel teacher."""
-    from diffusers import StableDiffusionPipeline
-
-    from hyperhuman.lsdm.testing import tiny_text_encoder, tiny_vae
-    from tests.distill.conftest import teacher_unet
-
-    tokenizer, text_encoder = tiny_text_encoder(0)
-    tokenizer.model_max_length = 16  # the prompts' token count in SD's encode_prompt
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(0), text_encoder=text_encoder, tokenizer=tokenizer, unet=teacher_unet(0),
-        scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("sd-teacher") / "pipeline"
-    pipeline.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_a_stable_diffusion_teacher_distils_into_a_one_evaluation_stable_diffusion_pipeline(
     sd_teacher_run, distill_shards, tmp_path
