@@ -64,6 +64,7 @@ KNOWN_KEYS = {
     "validation": {**VALIDATION_KEYS, **dict.fromkeys(["heldout", "heldout_num"])},
 }
 FEATURE_NORMS = ("teacher", "none")
+LOSS_WEIGHTS = ("task_weight", "output_weight", "feature_weight")
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -76,11 +77,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
             raise ConfigError(f"distill config lacks {section!r} (e.g. --set {section}=...); see {REFERENCE}")
     check_known_keys(config, KNOWN_KEYS, REFERENCE)
     kd, train = config.get("kd", {}), config["train"]
-    for key in ("task_weight", "output_weight", "feature_weight"):
-        if not isinstance(kd.get(key, 1.0), int | float) or kd.get(key, 1.0) < 0:
-            raise ConfigError(f"kd.{key} must be a number ≥ 0, got {kd.get(key)!r}")
-    if kd.get("feature_norm", "teacher") not in FEATURE_NORMS:
-        raise ConfigError(f"kd.feature_norm must be one of {FEATURE_NORMS}, got {kd.get('feature_norm')!r}")
+    check_kd_loss(kd)
     skip = kd.get("skip_prob", 0.0)
     if not isinstance(skip, int | float) or not 0 <= skip < 1:
         raise ConfigError(f"kd.skip_prob must be in [0, 1), got {skip!r}")
@@ -94,6 +91,15 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         if init is not None and not (Path(init) / "pipeline" / "model_index.json").is_file():
             raise ConfigError(f"student_init={init!r} is not a run folder with pipeline/; null = the teacher's weights")
         check_data(config["data"])
+
+
+def check_kd_loss(kd: dict) -> None:
+    """The ``kd:`` loss weights and feature norm (shared with ``hyperhuman prune``)."""
+    for key in LOSS_WEIGHTS:
+        if not isinstance(kd.get(key, 1.0), int | float) or kd.get(key, 1.0) < 0:
+            raise ConfigError(f"kd.{key} must be a number ≥ 0, got {kd.get(key)!r}")
+    if kd.get("feature_norm", "teacher") not in FEATURE_NORMS:
+        raise ConfigError(f"kd.feature_norm must be one of {FEATURE_NORMS}, got {kd.get('feature_norm')!r}")
 
 
 def student_spec(value):
@@ -218,7 +224,7 @@ def distill_unet(config: dict, resume: str | None = None) -> dict:
     global_step, micro_step = state["global_step"], state["micro_step"]
     batches = Batches(data, train["batch_size"], seed, **state["data"])
     names = list(teacher.config.branches)
-    weights = {key: float(kd.get(key, 1.0)) for key in ("task_weight", "output_weight", "feature_weight")}
+    weights = {key: float(kd.get(key, 1.0)) for key in LOSS_WEIGHTS}
     norm = kd.get("feature_norm", "teacher")
     empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
     text_dropout, pose_dropout = train.get("condition_dropout", 0.15), train.get("pose_dropout", 0.0)

@@ -55,6 +55,7 @@ from hyperhuman.training import (
     save_checkpoint,
     step_generator,
 )
+from hyperhuman.unet_widths import widths
 
 REFERENCE = "configs/prune/tiny.yaml"
 KNOWN_KEYS = {
@@ -75,7 +76,7 @@ SEARCH_FOLDER = "search"
 # --- configuration ---------------------------------------------------------------------------------
 def check_config(config: dict, check_paths: bool = True) -> None:
     """Everything that would fail an hour in fails here, naming the key to fix."""
-    from distill.kd import FEATURE_NORMS
+    from distill.kd import check_kd_loss
     from distill.width_cost import COST_UNITS
     from hyperhuman.lsdm.data import check_data
 
@@ -103,12 +104,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     groups = search.get("min_groups", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ConfigError(f"search.min_groups must be an integer ≥ 1 (groups every block keeps), got {groups!r}")
-    kd = config.get("kd") or {}
-    for key in ("task_weight", "output_weight", "feature_weight"):
-        if not isinstance(kd.get(key, 1.0), int | float) or kd.get(key, 1.0) < 0:
-            raise ConfigError(f"kd.{key} must be a number ≥ 0, got {kd.get(key)!r}")
-    if kd.get("feature_norm", "teacher") not in FEATURE_NORMS:
-        raise ConfigError(f"kd.feature_norm must be one of {FEATURE_NORMS}, got {kd.get('feature_norm')!r}")
+    check_kd_loss(config.get("kd") or {})
     check_train_counts(config["train"])
     check_train_counts({**config["train"], "max_train_steps": steps})
     if check_paths:
@@ -152,7 +148,7 @@ def prune(config: dict, resume: str | None = None) -> dict:
 
 def train_phase(config: dict, output: Path, resume: str | None, search: bool) -> dict:
     """The search (masks on a copy of the teacher) or the fine-tune (of the search's pruned model)."""
-    from distill.kd import FeatureTaps, feature_loss
+    from distill.kd import LOSS_WEIGHTS, FeatureTaps, feature_loss
     from distill.measure import HeldOut, v_loss
     from distill.pas import insert_masks, masks_of
     from distill.step_models import LatentCache, load_teacher
@@ -197,7 +193,7 @@ def train_phase(config: dict, output: Path, resume: str | None, search: bool) ->
     state = restore(accelerator, output, resume, command)
     global_step, micro_step = state["global_step"], state["micro_step"]
     batches = Batches(data, train["batch_size"], seed, **state["data"])
-    loss_weights = {key: float(kd.get(key, 1.0)) for key in ("task_weight", "output_weight", "feature_weight")}
+    loss_weights = {key: float(kd.get(key, 1.0)) for key in LOSS_WEIGHTS}
     resource_weight = float(search_config.get("resource_weight", 5.0))
     norm = kd.get("feature_norm", "teacher")
     text_dropout = train.get("condition_dropout", 0.15)
@@ -222,6 +218,7 @@ def train_phase(config: dict, output: Path, resume: str | None, search: bool) ->
     def pipeline_now():
         return family.make_pipeline(exported(accelerator.unwrap_model(model), ema))
 
+    fixed_cost = None if search else torch.tensor(cost.predict(widths(student)))  # no masks: the widths stay
     terms = {"task": [], "output": [], "feature": [], "resource": [], "cost": []}
     losses, started = [], time.perf_counter()
     model.train()
@@ -244,7 +241,7 @@ def train_phase(config: dict, output: Path, resume: str | None, search: bool) ->
                 + loss_weights["output_weight"] * distilled
                 + loss_weights["feature_weight"] * features
             )
-            expected = cost.expected(masks) if search else torch.tensor(cost.predict(_widths(student)))
+            expected = cost.expected(masks) if search else fixed_cost
             resource = torch.relu(expected / target - 1)
             if search:
                 loss = loss + resource_weight * resource
@@ -284,11 +281,11 @@ def train_phase(config: dict, output: Path, resume: str | None, search: bool) ->
     report["weights_sha256_per_process"] = check_processes_agree(accelerator, unwrapped, command)
     if search:
         report["forced_groups"] = meet_target(masks, cost, target)
-        widths = {name: len(mask.kept_indices()) for name, mask in masks.items()}
+        kept = {name: len(mask.kept_indices()) for name, mask in masks.items()}
     else:
-        widths = _widths(unwrapped)
-    report.update(target=target, cost_unit=cost.unit, teacher_cost=cost.full, predicted_cost=cost.predict(widths))
-    report.update(widths=widths, target_met=report["predicted_cost"] <= target)
+        kept = widths(unwrapped)
+    report.update(target=target, cost_unit=cost.unit, teacher_cost=cost.full, predicted_cost=cost.predict(kept))
+    report.update(widths=kept, target_met=report["predicted_cost"] <= target)
     if search and not report["target_met"]:
         accelerator.print(
             f"[{command}] WARNING: every block is at its minimum width (search.min_groups) and the predicted "
@@ -405,12 +402,6 @@ def exported(model: torch.nn.Module, ema) -> torch.nn.Module:
     if masks:
         remove_masked(unet, masks)
     return with_widths_recorded(unet).eval()
-
-
-def _widths(model) -> dict[str, int]:
-    from hyperhuman.unet_widths import widths
-
-    return widths(model)
 
 
 def _count(model: torch.nn.Module) -> int:

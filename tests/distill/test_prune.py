@@ -2,7 +2,6 @@
 exact resume of either phase, a Stable Diffusion teacher at a latency target, the pruned pipelines
 loading as their teacher's kind, the forced drops that meet a target, and config errors."""
 
-import copy
 import json
 import shutil
 
@@ -150,7 +149,7 @@ def test_an_unmet_target_is_met_by_dropping_the_weakest_groups():
     cost = fit_cost(model, inputs_for(model), "macs")
     torch.manual_seed(0)
     masks = insert_masks(model, min_groups=2)
-    untouched = copy.deepcopy({name: mask.weight.detach().clone() for name, mask in masks.items()})
+    untouched = {name: mask.weight.detach().clone() for name, mask in masks.items()}
     forced = meet_target(masks, cost, 0.5 * cost.full)
     assert forced > 0 and cost.expected(masks).item() <= 0.5 * cost.full
     assert all(mask.keep().sum() >= min(2, mask.groups) for mask in masks.values())
