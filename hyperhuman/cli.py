@@ -178,6 +178,20 @@ def _train_sgr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_sr(args: argparse.Namespace) -> int:
+    from hyperhuman.sr.train import train_sr
+
+    config = load_config(args.config, args.overrides)
+    report = train_sr(config, resume=args.resume)
+    if "last_loss" in report:
+        heldout = report.get("heldout") or {}
+        scores = (f"; held-out PSNR {heldout['psnr']:.2f} dB (bicubic {heldout['bicubic_psnr']:.2f})"
+                  if heldout else "")  # fmt: skip
+        print(f"[train-sr] {report['steps']} steps in {report['wall_s']} s; L1 {report['first_loss']:.4f} → "
+              f"{report['last_loss']:.4f}{scores}; network in {config['output']}/sr")  # fmt: skip
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from hyperhuman.eval.evaluate import run_eval
 
@@ -359,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train_sgr, "sgr/tiny")
     train_sgr.set_defaults(func=_train_sgr)
 
+    train_sr = commands.add_parser("train-sr", help="train the WDSR-style ×2 super-resolution network on shard RGB")
+    _add_resume_option(train_sr)
+    _add_config_options(train_sr, "sr/tiny")
+    train_sr.set_defaults(func=_train_sr)
+
     evaluate = commands.add_parser(
         "eval", help="generate from shards' poses and captions; FID, KID, CLIP and pose metrics; a gallery"
     )
@@ -468,6 +487,7 @@ RESUME_HINTS = {
     "demo": "rerun the same command to resume (completed work is kept)",
     "train-lsdm": "rerun it with --resume latest to continue from the last checkpoint",
     "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
+    "train-sr": "rerun it with --resume latest to continue from the last checkpoint",
     "distill": "for `distill unet`, `distill steps` or `distill vae-decoder`, rerun it with --resume latest to "
     "continue from the last checkpoint",
     "prune": "rerun it with --resume latest to continue from the last checkpoint",

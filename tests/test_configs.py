@@ -18,6 +18,12 @@ def check_sgr(config):
     check_config(config, check_paths=False)
 
 
+def check_sr(config):
+    from hyperhuman.sr.train import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_vae(config):
     from hyperhuman.vae import check_vae_config
 
@@ -80,6 +86,7 @@ def check_demo(config):
 CHECKS = {
     "lsdm/": check_lsdm,
     "sgr/": check_sgr,
+    "sr/": check_sr,
     "vae/": check_vae,
     "eval/": check_eval,
     "annotate/": check_annotate,
@@ -115,11 +122,13 @@ def recipe_schemas():
     from distill.vae_decoder import KNOWN_KEYS as DISTILL_VAE_DECODER
     from hyperhuman.lsdm.train import KNOWN_KEYS as LSDM
     from hyperhuman.sgr.train import KNOWN_KEYS as SGR
+    from hyperhuman.sr.train import KNOWN_KEYS as SR
     from hyperhuman.vae import KNOWN_KEYS as VAE
 
     return {
         "lsdm/tiny": LSDM,
         "sgr/tiny": SGR,
+        "sr/tiny": SR,
         "vae/tiny": VAE,
         "distill/unet-tiny": DISTILL_UNET,
         "distill/steps-tiny": DISTILL_STEPS,
@@ -127,9 +136,11 @@ def recipe_schemas():
     }
 
 
-@pytest.mark.parametrize(
-    "name", ["lsdm/tiny", "sgr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny", "distill/vae-decoder-tiny"]
-)
+RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
+                  "distill/vae-decoder-tiny"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECIPE_CONFIGS)
 def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
     config = load_config(name)
     undocumented = []
@@ -145,7 +156,7 @@ def test_the_recipes_config_documents_every_key_the_recipe_reads(name):
 
 def test_one_vocabulary_across_the_training_recipes():
     distill = ("distill/unet-tiny", "distill/steps-tiny", "distill/vae-decoder-tiny")
-    for name in ("lsdm/tiny", "sgr/tiny", "vae/tiny", *distill):
+    for name in ("lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", *distill):
         config = load_config(name)
         assert isinstance(config["seed"], int), name
         for key in ("batch_size", "max_train_steps", "learning_rate"):
