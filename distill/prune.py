@@ -58,7 +58,9 @@ from hyperhuman.training import (
 from hyperhuman.unet_widths import widths
 
 REFERENCE = "configs/prune/tiny.yaml"
+NETWORKS = ("unet", "sr")  # `network: sr` prunes the SR network (distill/sr_prune.py)
 KNOWN_KEYS = {
+    "network": None,
     "output": None,
     "seed": None,
     "teacher": None,
@@ -76,6 +78,12 @@ SEARCH_FOLDER = "search"
 # --- configuration ---------------------------------------------------------------------------------
 def check_config(config: dict, check_paths: bool = True) -> None:
     """Everything that would fail an hour in fails here, naming the key to fix."""
+    if config.get("network", "unet") not in NETWORKS:
+        raise ConfigError(f"network={config.get('network')!r}: prune a diffusion UNet (unet) or the SR network (sr)")
+    if config.get("network") == "sr":
+        from distill.sr_prune import check_config as check_sr_config
+
+        return check_sr_config(config, check_paths)
     from distill.kd import check_kd_loss
     from distill.width_cost import COST_UNITS
     from hyperhuman.lsdm.data import check_data
@@ -117,6 +125,10 @@ def check_config(config: dict, check_paths: bool = True) -> None:
 # --- the two phases --------------------------------------------------------------------------------
 def prune(config: dict, resume: str | None = None) -> dict:
     """Search, remove, fine-tune; returns the report (also ``OUTPUT/prune_report.json``)."""
+    if config.get("network") == "sr":
+        from distill.sr_prune import prune_sr
+
+        return prune_sr(config, resume)
     check_config(config)
     output = Path(config["output"])
     search_folder = output / SEARCH_FOLDER

@@ -228,6 +228,13 @@ def _prune(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     report = prune(config, resume=args.resume)
+    if config.get("network") == "sr":
+        if "measured_ms" in report:  # the main process
+            print(f"[prune] SR network {report['measured_ms']['pruned']:.2f} ms vs the teacher's "
+                  f"{report['measured_ms']['teacher']:.2f} ms ({report['runtime']}; {report['speedup']:.2f}x, target "
+                  f"{report['target_ms']:.2f} ms); blocks {report['architecture']['pruned']}; "
+                  f"network in {config['output']}/sr")  # fmt: skip
+        return 0
     unit = report["cost_unit"]
     reached = report["predicted_cost"] / report["teacher_cost"]
     measured = f", measured {report['measured_cost']:.2f} ms" if "measured_cost" in report else ""

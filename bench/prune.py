@@ -1,0 +1,87 @@
+"""Pruning-as-Search on this CPU, side by side with uniform width scaling and L1 magnitude pruning.
+
+    .venv/bin/python bench/prune.py [--search-steps 150] [--finetune-steps 150] [--fraction 0.5]
+
+The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
+``../shared/data/humans``, cached) is taken to ``--fraction`` of its eager latency (one guided step,
+batch 2) three ways with the same cost model and the same training budget (``bench/_prune_unet.py``
+says why the comparison is fair): measured and predicted latency, the prediction's error, params,
+held-out v-loss and PSNR of samples against the unpruned teacher's.
+
+Writes ``bench/results/prune.json`` whose ``summary`` holds ``pas_loss``, ``uniform_loss``,
+``l1_loss`` (held-out v-loss) and ``latency_error_max`` (the largest |predicted / measured − 1| of
+the pruned models). Skips (exit 0) without ``../shared``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import _prune_unet  # noqa: E402
+import _teacher  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--search-steps", type=int, default=150, help="PaS mask-search steps")
+    parser.add_argument("--finetune-steps", type=int, default=150, help="PaS fine-tune steps (baselines: both)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="the latency target, × the teacher's")
+    parser.add_argument("--runtime", default="eager", help="the runtime the latency target is on")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds per model")
+    parser.add_argument("--reuse-runs", action="store_true", help="keep finished runs whose settings match")
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "prune.json"))
+    args = parser.parse_args()
+    if not (_teacher.PHOTOS / "keypoints_coco.json").is_file():
+        print(f"prune: skipped, no photo set at {_teacher.PHOTOS} (../shared beside the repository)")
+        return
+
+    import shutil
+
+    started = time.perf_counter()
+    teacher = _teacher.teacher()
+    teacher_s = time.perf_counter() - started
+    runs = teacher["root"] / "prune"
+    if not args.reuse_runs:
+        shutil.rmtree(runs, ignore_errors=True)
+    unet = _prune_unet.run(teacher, runs / "unet", args.search_steps, args.finetune_steps, args.fraction,
+                           args.runtime, args.repeats)  # fmt: skip
+    _prune_unet.print_table(unet)
+    summary = {key: unet["summary"][key] for key in ("pas_loss", "uniform_loss", "l1_loss", "latency_error_max")}
+    summary.update({f"unet_{key}": value for key, value in unet["summary"].items() if key not in summary})
+    summary["goals"] = {
+        "pas_loss < uniform_loss": summary["pas_loss"] < summary["uniform_loss"],
+        "pas_loss < l1_loss": summary["pas_loss"] < summary["l1_loss"],
+        "latency_error_max <= 0.10": summary["latency_error_max"] <= 0.10,
+    }
+    result = {
+        "summary": summary,
+        "unet": unet,
+        "teacher": {**teacher["report"], "root": str(teacher["root"])},
+        "settings": vars(args),
+        "times_s": {
+            "teacher_s": round(teacher_s, 1),
+            **unet["times_s"],
+            "total_s": round(time.perf_counter() - started, 1),
+        },
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1, default=str))
+    print(f"times: {json.dumps(result['times_s'])}")
+    print(f"summary: {json.dumps(summary)}\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
