@@ -8,9 +8,14 @@ batch 2) three ways with the same cost model and the same training budget (``ben
 says why the comparison is fair): measured and predicted latency, the prediction's error, params,
 held-out v-loss and PSNR of samples against the unpruned teacher's.
 
+The SR network (``bench/_prune_sr.py``): WDSR-A trained on the same shards, searched to
+``--sr-fraction`` of its compiled latency at 720p output; PSNR / SSIM on the held-out photos
+against the unpruned network and bicubic, fps, the speed model's error.
+
 Writes ``bench/results/prune.json`` whose ``summary`` holds ``pas_loss``, ``uniform_loss``,
-``l1_loss`` (held-out v-loss) and ``latency_error_max`` (the largest |predicted / measured − 1| of
-the pruned models). Skips (exit 0) without ``../shared``.
+``l1_loss`` (held-out v-loss), ``sr_speedup``, ``sr_psnr_drop_db``, ``sr_psnr_over_bicubic_db``
+and ``latency_error_max`` (the largest |predicted / measured − 1| of the pruned UNets and of the
+SR networks, held-out ones included). Skips (exit 0) without ``../shared``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import _prune_sr  # noqa: E402
 import _prune_unet  # noqa: E402
 import _teacher  # noqa: E402
 
@@ -39,6 +45,11 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5, help="the latency target, × the teacher's")
     parser.add_argument("--runtime", default="eager", help="the runtime the latency target is on")
     parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds per model")
+    parser.add_argument("--sr-teacher-steps", type=int, default=800, help="train-sr steps of the unpruned SR network")
+    parser.add_argument("--sr-search-steps", type=int, default=200)
+    parser.add_argument("--sr-finetune-steps", type=int, default=400)
+    parser.add_argument("--sr-fraction", type=float, default=0.33, help="the SR latency target, × the unpruned")
+    parser.add_argument("--sr-runtime", default="compiled")
     parser.add_argument("--reuse-runs", action="store_true", help="keep finished runs whose settings match")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "prune.json"))
     args = parser.parse_args()
@@ -57,16 +68,27 @@ def main() -> None:
     unet = _prune_unet.run(teacher, runs / "unet", args.search_steps, args.finetune_steps, args.fraction,
                            args.runtime, args.repeats)  # fmt: skip
     _prune_unet.print_table(unet)
-    summary = {key: unet["summary"][key] for key in ("pas_loss", "uniform_loss", "l1_loss", "latency_error_max")}
+    sr = _prune_sr.run(teacher, runs / "sr", args.sr_teacher_steps, args.sr_search_steps, args.sr_finetune_steps,
+                       args.sr_fraction, args.sr_runtime)  # fmt: skip
+    _prune_sr.print_table(sr)
+    summary = {key: unet["summary"][key] for key in ("pas_loss", "uniform_loss", "l1_loss")}
+    summary.update({key: sr["summary"][key] for key in ("sr_speedup", "sr_psnr_drop_db", "sr_psnr_over_bicubic_db")})
+    # the largest |predicted / measured − 1| of both speed models (the pruned UNets; the SR networks)
+    summary["latency_error_max"] = max(unet["summary"]["latency_error_max"], sr["summary"]["sr_latency_error_max"])
     summary.update({f"unet_{key}": value for key, value in unet["summary"].items() if key not in summary})
+    summary.update({key: value for key, value in sr["summary"].items() if key not in summary})
     summary["goals"] = {
         "pas_loss < uniform_loss": summary["pas_loss"] < summary["uniform_loss"],
         "pas_loss < l1_loss": summary["pas_loss"] < summary["l1_loss"],
+        "sr_speedup >= 3": summary["sr_speedup"] >= 3,
+        "sr_psnr_drop_db <= 0.2": summary["sr_psnr_drop_db"] <= 0.2,
+        "sr_psnr_over_bicubic_db > 0": summary["sr_psnr_over_bicubic_db"] > 0,
         "latency_error_max <= 0.10": summary["latency_error_max"] <= 0.10,
     }
     result = {
         "summary": summary,
         "unet": unet,
+        "sr": sr,
         "teacher": {**teacher["report"], "root": str(teacher["root"])},
         "settings": vars(args),
         "times_s": {
