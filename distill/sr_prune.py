@@ -170,8 +170,8 @@ def prune_sr(config: dict, resume: str | None = None) -> dict:
         return finetune
     pruned = SuperResolutionNet.from_pretrained(output / "sr").eval()
     report = measure(config, teacher, pruned, speed, timing)
-    report.update(target_met=search_report["target_met"], search=search_report, finetune=finetune, target_ms=target_ms(config, speed),
-                  wall_s=round(time.perf_counter() - started, 2))  # fmt: skip
+    report.update(target_met=search_report["target_met"], search=search_report, finetune=finetune,
+                  target_ms=target_ms(config, speed), wall_s=round(time.perf_counter() - started, 2))  # fmt: skip
     (output / "prune_report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
