@@ -1,6 +1,6 @@
 """Pruning-as-Search on this CPU, side by side with uniform width scaling and L1 magnitude pruning.
 
-    .venv/bin/python bench/prune.py [--search-steps 150] [--finetune-steps 150] [--fraction 0.5]
+    .venv/bin/python bench/prune.py [--search-steps 100] [--finetune-steps 150] [--fraction 0.75]
 
 The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
 ``../shared/data/humans``, cached) is taken to ``--fraction`` of its eager latency (one guided step,
@@ -40,9 +40,10 @@ import _teacher  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--search-steps", type=int, default=150, help="PaS mask-search steps")
+    parser.add_argument("--search-steps", type=int, default=100, help="PaS mask-search steps")
     parser.add_argument("--finetune-steps", type=int, default=150, help="PaS fine-tune steps (baselines: both)")
-    parser.add_argument("--fraction", type=float, default=0.5, help="the latency target, × the teacher's")
+    # 0.5 is out of reach on eager for the bench teacher: what no block width changes is 65% of its step
+    parser.add_argument("--fraction", type=float, default=0.75, help="the latency target, × the teacher's")
     parser.add_argument("--runtime", default="eager", help="the runtime the latency target is on")
     parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds per model")
     parser.add_argument("--sr-teacher-steps", type=int, default=800, help="train-sr steps of the unpruned SR network")
