@@ -37,6 +37,7 @@ from hyperhuman.training import (
     prepare_for_training,
     restore,
     save_checkpoint,
+    trained_copy,
 )
 
 REFERENCE = "configs/prune/sr-tiny.yaml"
@@ -179,7 +180,6 @@ def prune_sr(config: dict, resume: str | None = None) -> dict:
 def finetune_sr(config: dict, student, teacher, resume: str | None) -> dict:
     from hyperhuman.lsdm.data import Batches
     from hyperhuman.sr.data import batch_pairs
-    from hyperhuman.sr.train import trained_model
 
     output, train, kd = Path(config["output"]), config["train"], config.get("kd") or {}
     seed, scale = config.get("seed", 0), student.config.scale
@@ -220,7 +220,7 @@ def finetune_sr(config: dict, student, teacher, resume: str | None) -> dict:
     if losses:
         report.update(first_loss=losses[0], last_loss=losses[-1])
     if accelerator.is_main_process:
-        trained_model(accelerator, model, ema).save_pretrained(output / "sr")
+        trained_copy(accelerator, model, ema).save_pretrained(output / "sr")
     accelerator.end_training()
     return report
 

@@ -198,6 +198,17 @@ def prepare_for_training(accelerator, model, train: dict, param_groups: list[dic
     return model, optimizer, lr_scheduler, ema
 
 
+def trained_copy(accelerator, model, ema) -> torch.nn.Module:
+    """A copy of the prepared ``model`` as trained (its EMA weights when EMA is on), in eval mode:
+    what a recipe saves or validates with, leaving the training copy untouched."""
+    unwrapped = accelerator.unwrap_model(model)
+    final = type(unwrapped).from_config(unwrapped.config)
+    final.load_state_dict(unwrapped.state_dict())
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    return final.to(unwrapped.device).eval()
+
+
 def restore(accelerator, output: Path, resume: str | None, command: str) -> dict:
     """Load the checkpoint ``resume`` names (``latest`` or a path) into the prepared objects; returns
     ``global_step``, ``micro_step`` and the data stream's position (zeros for a fresh run)."""

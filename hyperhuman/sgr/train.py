@@ -60,6 +60,7 @@ from hyperhuman.training import (
     restore,
     save_checkpoint,
     step_generator,
+    trained_copy,
 )
 
 SECTIONS = ("output", "data", "model", "train")
@@ -284,7 +285,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if validation_batch is not None and global_step % validation["every"] == 0:
-            pipeline = make_pipeline(trained_refiner(accelerator, refiner, ema), components, scheduler_config)
+            pipeline = make_pipeline(trained_copy(accelerator, refiner, ema), components, scheduler_config)
             run_validation(accelerator, pipeline, validation, validation_batch, output, global_step)
 
     accelerator.wait_for_everyone()
@@ -297,7 +298,7 @@ def train_sgr(config: dict, resume: str | None = None) -> dict:
         accelerator, accelerator.unwrap_model(refiner), "train-sgr"
     )
     if accelerator.is_main_process:
-        final = trained_refiner(accelerator, refiner, ema)
+        final = trained_copy(accelerator, refiner, ema)
         final.save_pretrained(output / "refiner")
         make_pipeline(final, components, scheduler_config).save_pretrained(output / "pipeline")
         if losses:
@@ -351,16 +352,6 @@ def refiner_loss(refiner, base, vae, scheduler, batch, names, drop, generator, *
     target = training_target(scheduler, latents, noise, timesteps)
     present = torch.stack(list(dropped.condition_masks.values())).any(dim=0)
     return F.mse_loss(prediction.float(), target.float()), int((~present).sum())
-
-
-def trained_refiner(accelerator, refiner, ema) -> StructureGuidedRefiner:
-    """A copy of the trained refiner (the EMA weights when EMA is on)."""
-    unwrapped = accelerator.unwrap_model(refiner)
-    final = StructureGuidedRefiner.from_config(unwrapped.config)
-    final.load_state_dict(unwrapped.state_dict())
-    if ema is not None:
-        ema.copy_to(final.parameters())
-    return final.eval()
 
 
 def make_pipeline(refiner: StructureGuidedRefiner, components: dict, scheduler_config: dict):

@@ -40,6 +40,7 @@ from hyperhuman.training import (
     prepare_for_training,
     restore,
     save_checkpoint,
+    trained_copy,
 )
 
 REFERENCE = "configs/sr/tiny.yaml"
@@ -128,7 +129,7 @@ def train_sr(config: dict, resume: str | None = None) -> dict:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if photos and validation.get("every") and global_step % validation["every"] == 0:
             if accelerator.is_main_process:
-                scores = run_validation(accelerator, trained_model(accelerator, model, ema), photos, validation, output,
+                scores = run_validation(accelerator, trained_copy(accelerator, model, ema), photos, validation, output,
                                         global_step)  # fmt: skip
             model.train()
 
@@ -138,7 +139,7 @@ def train_sr(config: dict, resume: str | None = None) -> dict:
         accelerator, accelerator.unwrap_model(model), "train-sr"
     )
     if accelerator.is_main_process:
-        final = trained_model(accelerator, model, ema)
+        final = trained_copy(accelerator, model, ema)
         final.save_pretrained(output / "sr")
         if photos:
             scores = run_validation(accelerator, final, photos, validation, output, global_step)
@@ -148,16 +149,6 @@ def train_sr(config: dict, resume: str | None = None) -> dict:
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
-
-
-def trained_model(accelerator, model, ema) -> SuperResolutionNet:
-    """A copy of the trained network (the EMA weights when EMA is on), in eval mode."""
-    unwrapped = accelerator.unwrap_model(model)
-    final = SuperResolutionNet.from_config(unwrapped.config)
-    final.load_state_dict(unwrapped.state_dict())
-    if ema is not None:
-        ema.copy_to(final.parameters())
-    return final.to(unwrapped.device).eval()
 
 
 @torch.no_grad()
