@@ -25,10 +25,10 @@ Why the comparison is fair:
   full step; each model's step is then measured in one alternating loop beside the others.
 - **one training budget**: PaS trains ``search_steps`` with masks and ``finetune_steps`` after
   removal; each baseline fine-tunes for ``search_steps + finetune_steps``. The baselines' fine-tune
-  *is* PaS's fine-tune phase: their sliced model is written where a finished search leaves its
-  pruned model (``<run>/search/pipeline`` with its ``train_report.json``, and PaS's ``cost.json``
-  beside it) and :func:`distill.prune.prune` is resumed, which skips a finished search. Same
-  loss (task + output + feature KD), optimiser, schedule, EMA, data stream and seed.
+  *is* PaS's fine-tune phase: :func:`distill.prune.start_from` makes their sliced model the run's
+  pruned model (priced by PaS's ``cost.json``, copied beside it) and :func:`distill.prune.prune`
+  resumed only fine-tunes it. Same loss (task + output + feature KD), optimiser, schedule, EMA,
+  data stream and seed.
 - **one data recipe**: batch size, crops, flips and text dropout as the teacher was trained
   (``lsdm/tiny`` with ``_teacher.LSDM_OVERRIDES``), the resolution the teacher samples at.
 - **one quality measure** (:mod:`distill.measure`): held-out v-loss on the held-out photos' fixed
@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
 
 import _teacher  # noqa: E402
 
-from distill.prune import COST_FILE, SEARCH_FOLDER  # noqa: E402
+from distill.prune import COST_FILE, PHASE_REPORT, SEARCH_FOLDER  # noqa: E402
 
 METHODS = ("pas", "uniform", "l1")
 HELDOUT_NUM = 16  # v-loss samples: all of the bench teacher's held-out split (every 5th of 70 photos, at most 14)
@@ -85,6 +85,7 @@ def run(
     ``{"rows", "summary", "budgets", "times_s"}``; each row's ``latency_error`` is predicted /
     measured − 1, ``calibrated_error`` the same with the predictions scaled by the teacher's
     measured step over the fitted one (the machine's drift since the fit taken out)."""
+    from distill.prune import start_from
     from distill.step_models import load_teacher
     from distill.width_cost import WidthCost
 
@@ -116,7 +117,9 @@ def run(
         reports[name] = kept_run(output, baseline_settings)
         if reports[name] is None:
             unet, selection = select()
-            write_pruned_run(family, unet, output, cost, target, selection, cost_path)
+            output.mkdir(parents=True)
+            shutil.copy(cost_path, output / COST_FILE)
+            start_from(baseline, unet, selection)
             reports[name] = trained(output, baseline_settings, baseline)
         times[f"{name}_s"] = time.perf_counter() - stage
 
@@ -190,7 +193,7 @@ def prune_config(
 
 def finetune_config(config: dict, output: Path, steps: int) -> dict:
     """The PaS config with another output and the whole budget as fine-tune steps (the search
-    keys stay valid but are never read: the run's search is written finished beforehand)."""
+    keys stay valid but are never read: the run starts from a baseline's widths)."""
     config = copy.deepcopy(config)
     config["output"] = str(output)
     config["train"]["max_train_steps"] = steps
@@ -210,42 +213,14 @@ def kept_run(folder: Path, settings: dict) -> dict | None:
 
 
 def trained(folder: Path, settings: dict, config: dict) -> dict:
-    """``hyperhuman prune`` on ``config``; a baseline's folder holds a finished search already, so
-    resuming skips it and only fine-tunes (with no checkpoint yet, the fine-tune starts fresh)."""
+    """``hyperhuman prune`` on ``config``; a baseline's folder holds its pruned model already
+    (:func:`distill.prune.start_from`), so resuming only fine-tunes (from scratch: no checkpoint yet)."""
     from distill.prune import prune
 
-    baseline = (folder / SEARCH_FOLDER / "train_report.json").is_file()
+    baseline = (folder / SEARCH_FOLDER / PHASE_REPORT).is_file()
     report = prune(config, resume="latest" if baseline else None)
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, default=str))
     return report
-
-
-def write_pruned_run(family, unet, output: Path, cost, target: float, selection: dict, cost_path: Path) -> None:
-    """``unet`` where ``prune`` looks for a finished search: ``OUTPUT/search/pipeline`` (the teacher's
-    pipeline with the pruned UNet, its config recording its widths), the search report the
-    fine-tune reads, and the PaS run's cost model as ``OUTPUT/cost.json``."""
-    from hyperhuman.unet_widths import widths
-
-    search = output / SEARCH_FOLDER
-    search.mkdir(parents=True, exist_ok=True)
-    family.make_pipeline(unet).save_pretrained(search / "pipeline")
-    kept = widths(unet)
-    predicted = cost.predict(kept)
-    report = {
-        "phase": "search",
-        "steps": 0,  # selected from the teacher's weights without training: the budget is the fine-tune's
-        "target": target,
-        "cost_unit": cost.unit,
-        "teacher_cost": cost.full,
-        "predicted_cost": predicted,
-        "widths": kept,
-        "target_met": predicted <= target,
-        "forced_groups": 0,
-        "params": sum(p.numel() for p in unet.parameters()),
-        "selection": selection,
-    }
-    (search / "train_report.json").write_text(json.dumps(report, indent=1))
-    shutil.copy(cost_path, output / COST_FILE)
 
 
 # --- uniform width -----------------------------------------------------------------------------------
@@ -413,7 +388,7 @@ def measure_rows(
             "target_met": name == "teacher" or predicted <= reports["pas"]["target"],
             **v_loss(pipeline, heldout),
             "psnr": scores,
-            "selection": selection_of(work_dir, name, report),
+            "selection": report.get("selection"),  # PaS's forced drops, the uniform fraction, the L1 drops
         })  # fmt: skip
     return rows
 
@@ -433,16 +408,6 @@ def alternating_step_ms(models: dict, inputs: dict, runtime: str, repeats: int) 
         for name, call in calls.items():
             rounds[name].append(time_call(call, (), inputs, warmup=1, repeats=3))
     return {name: statistics.median(values) for name, values in rounds.items()}
-
-
-def selection_of(work_dir: Path, name: str, report: dict) -> dict | None:
-    """How the method chose its widths: PaS's forced drops, the uniform fraction, the L1 drops."""
-    if name == "teacher":
-        return None
-    if name == "pas":
-        return {"method": "pas", "forced_groups": report.get("forced_groups")}
-    search = json.loads((work_dir / name / SEARCH_FOLDER / "train_report.json").read_text())
-    return search.get("selection")
 
 
 def summary(rows: list[dict]) -> dict:

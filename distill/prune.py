@@ -28,6 +28,10 @@ one interface for both). Two phases, each an ordinary training run on the shared
 ``OUTPUT/prune_report.json`` has the widths, the teacher's and the pruned model's cost (predicted
 and, for latency, measured), parameters and both phases' losses. ``--resume latest`` continues an
 unfinished search, or skips a finished one and continues the fine-tune.
+
+Widths chosen some other way (a baseline: uniform scaling, magnitude ranking) get the very same
+fine-tune: :func:`start_from` puts their model where a finished search leaves its own, and
+``prune(config, resume="latest")`` fine-tunes it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ KNOWN_KEYS = {
 }
 COST_FILE = "cost.json"
 SEARCH_FOLDER = "search"
+PHASE_REPORT = "train_report.json"  # each phase's, in its folder
+# What the fine-tune and prune_report.json take from the search phase's report.
+SEARCH_RESULT_KEYS = ("target", "cost_unit", "teacher_cost", "predicted_cost", "widths", "target_met", "forced_groups")
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -133,21 +140,20 @@ def prune(config: dict, resume: str | None = None) -> dict:
     output = Path(config["output"])
     search_folder = output / SEARCH_FOLDER
     started = time.perf_counter()
-    finished = (search_folder / "train_report.json").is_file() and (search_folder / "pipeline").is_dir()
+    finished = (search_folder / PHASE_REPORT).is_file() and (search_folder / "pipeline").is_dir()
     if resume and finished:
         print(f"[prune] search: done earlier ({search_folder})")
-        search = json.loads((search_folder / "train_report.json").read_text())
+        search = json.loads((search_folder / PHASE_REPORT).read_text())
     else:
         search = train_phase(config, search_folder, resume, search=True)
         resume = "latest" if resume else None  # a checkpoint path named the phase it belongs to
     finetune = train_phase(config, output, resume, search=False)
-    report = {key: search[key] for key in ("target", "cost_unit", "teacher_cost", "predicted_cost", "widths")}
+    report = {key: search[key] for key in SEARCH_RESULT_KEYS}
     report.update(
-        target_met=search["target_met"],
-        forced_groups=search["forced_groups"],
         params=finetune["params"],
         search={key: search.get(key) for key in ("steps", "first_loss", "last_loss", "wall_s")},
         finetune={key: finetune.get(key) for key in ("steps", "first_loss", "last_loss", "wall_s", "heldout")},
+        selection=search.get("selection", {"method": "pas", "forced_groups": search["forced_groups"]}),
         wall_s=round(time.perf_counter() - started, 2),
     )
     for key in ("measured_cost", "prediction_error"):
@@ -155,6 +161,50 @@ def prune(config: dict, resume: str | None = None) -> dict:
             report[key] = finetune[key]
     if PartialState().is_main_process:
         (output / "prune_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def start_from(config: dict, unet: torch.nn.Module, selection: dict) -> dict:
+    """Make ``unet``, a narrowed copy of the teacher's UNet (e.g. sliced with
+    :func:`hyperhuman.unet_widths.shrink_to_widths`), this run's pruned model in place of a search;
+    ``prune(config, resume="latest")`` then only fine-tunes it, exactly as it fine-tunes a searched one.
+
+    ``selection`` says how the widths were chosen (``{"method": "uniform", ...}``); it lands in the
+    report. The widths are priced by ``OUTPUT/cost.json``, fitted here if it is not there yet (copy
+    another run's to price several runs alike). Returns the search report written."""
+    from distill.pas import with_widths_recorded
+    from distill.step_models import load_teacher
+
+    check_config(config)
+    if config.get("network", "unet") != "unet":
+        raise ConfigError(f"start_from narrows a diffusion UNet; network={config.get('network')!r}")
+    family = load_teacher(config["teacher"])
+    teacher_widths, kept = widths(family.unet), widths(unet)
+    if set(kept) != set(teacher_widths) or any(kept[name] > teacher_widths[name] for name in kept):
+        raise ValueError("start_from takes a narrowed copy of the teacher's UNet: its blocks or widths differ")
+    cost, target = fitted_cost(config, family, PartialState())
+    predicted = cost.predict(kept)
+    report = {
+        "phase": "search",
+        "steps": 0,  # no search: the training budget is all the fine-tune's
+        "target": target,
+        "cost_unit": cost.unit,
+        "teacher_cost": cost.full,
+        "predicted_cost": predicted,
+        "widths": kept,
+        "target_met": predicted <= target,
+        "forced_groups": 0,
+        "params": _count(unet),
+        "selection": selection,
+    }
+    folder = Path(config["output"]) / SEARCH_FOLDER
+    if PartialState().is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "pipeline").exists():
+            shutil.rmtree(folder / "pipeline")
+        family.make_pipeline(with_widths_recorded(unet).eval()).save_pretrained(folder / "pipeline")
+        (folder / PHASE_REPORT).write_text(json.dumps(report, indent=1))
+    PartialState().wait_for_everyone()
     return report
 
 
@@ -318,7 +368,7 @@ def train_phase(config: dict, output: Path, resume: str | None, search: bool) ->
             report.update(measured_cost=checked["measured"], prediction_error=checked["error"])
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
-        (output / "train_report.json").write_text(json.dumps(report, indent=1))
+        (output / PHASE_REPORT).write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from distill.pas import insert_masks
-from distill.prune import check_config, meet_target, prune
+from distill.prune import check_config, meet_target, prune, start_from
 from distill.width_cost import fit_cost
 from hyperhuman.config import ConfigError
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline
-from hyperhuman.unet_widths import widths
+from hyperhuman.unet_widths import group_size, prunable, shrink_to_widths, widths
 
 from .conftest import teacher_unet
 from .test_pas import inputs_for
@@ -111,6 +111,27 @@ def test_a_finished_search_is_kept_and_the_fine_tune_resumes_exactly(pruned_run,
     assert json.loads((resumed / "train_report.json").read_text())["losses"] == first[2:]
     assert again["finetune"]["steps"] == 4
     assert same_weights(output / "pipeline", resumed / "pipeline")  # the EMA weights
+
+
+def test_widths_chosen_elsewhere_get_the_same_fine_tune(pruned_run, teacher_run, distill_shards, tmp_path):
+    output, _ = pruned_run
+    teacher = HyperHumanPipeline.from_pretrained(teacher_run / "pipeline").unet
+    groups = {name: (group_size(block), widths(teacher)[name] // group_size(block))
+              for name, block in prunable(teacher).items()}  # fmt: skip
+    half = {name: max(1, count // 2) * group for name, (group, count) in groups.items()}
+    run = tmp_path / "half"
+    run.mkdir()
+    shutil.copy(output / "cost.json", run / "cost.json")  # priced as the searched run was
+    config = config_for(run, teacher_run, distill_shards)
+    written = start_from(config, shrink_to_widths(teacher, half), {"method": "half"})
+    assert written["widths"] == half and written["steps"] == 0
+    report = prune(config, resume="latest")
+    assert report["search"]["steps"] == 0 and report["finetune"]["steps"] == 4  # fine-tuned only
+    assert report["selection"] == {"method": "half"} and report["widths"] == half
+    assert widths(HyperHumanPipeline.from_pretrained(run / "pipeline").unet) == half
+    assert not same_weights(run / "search" / "pipeline", run / "pipeline")
+    with pytest.raises(ValueError, match="narrowed copy of the teacher"):
+        start_from(config, teacher_unet(0), {"method": "another model"})
 
 
 @pytest.mark.slow
