@@ -243,6 +243,24 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_ptq(args: argparse.Namespace) -> int:
+    from distill.quantize import quantize_ptq
+
+    config = load_config(args.config, args.overrides)
+    report = quantize_ptq(config)
+    calibration = report["calibration"]
+    print(f"[quantize ptq] {calibration['calls']} calls ({calibration['mode']}) calibrated; int8 vs fp32 relative "
+          f"error {calibration['relative_error']:.3f}; program in {report['program']}")  # fmt: skip
+    if "evaluation" in report:
+        evaluation = report["evaluation"]
+        psnr = ", ".join(f"{name} {value:.1f} dB" for name, value in evaluation["psnr_vs_fp32"].items())
+        print(f"[quantize ptq] held-out v-loss fp32 {evaluation['fp32_v_loss']:.4f}, "
+              f"int8 {evaluation['int8_v_loss']:.4f}; samples vs fp32: {psnr}")  # fmt: skip
+        if "step_ms" in evaluation:
+            print("[quantize ptq] step ms: " + ", ".join(f"{k} {v:.2f}" for k, v in evaluation["step_ms"].items()))
+    return 0
+
+
 def _distill_steps(args: argparse.Namespace) -> int:
     from distill.steps import distill_steps
 
@@ -449,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(prune_parser)
     _add_config_options(prune_parser, "prune/tiny")
     prune_parser.set_defaults(func=_prune)
+
+    quantize_parser = commands.add_parser("quantize", help="quantize a denoiser: int8 PTQ on the x86 runtime")
+    schemes = quantize_parser.add_subparsers(dest="scheme", required=True, metavar="SCHEME")
+    ptq = schemes.add_parser(
+        "ptq", help="int8 PT2E post-training quantization, calibrated on the model's own sampling trajectories"
+    )
+    _add_config_options(ptq, "quantize/ptq-tiny")
+    ptq.set_defaults(func=_quantize_ptq)
 
     gallery_parser = commands.add_parser("gallery", help="static HTML galleries of shards or of an eval run")
     gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True, metavar="KIND")

@@ -74,6 +74,12 @@ def check_prune(config):
     check_config(config, check_paths=False)
 
 
+def check_quantize_ptq(config):
+    from distill.quantize import check_ptq_config
+
+    check_ptq_config(config, check_paths=False)
+
+
 def check_demo(config):
     """Each stage's config with the demo's overrides passes that stage's own checks."""
     from hyperhuman.config import apply_overrides
@@ -94,6 +100,7 @@ CHECKS = {
     "distill/steps": check_distill_steps,
     "distill/vae-decoder": check_distill_vae_decoder,
     "prune/": check_prune,
+    "quantize/ptq": check_quantize_ptq,
     "shards": check_shards,
     "demo": check_demo,
 }
@@ -118,6 +125,7 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 def recipe_schemas():
     from distill.kd import KNOWN_KEYS as DISTILL_UNET
+    from distill.quantize import KNOWN_KEYS as QUANTIZE_PTQ
     from distill.steps import KNOWN_KEYS as DISTILL_STEPS
     from distill.vae_decoder import KNOWN_KEYS as DISTILL_VAE_DECODER
     from hyperhuman.lsdm.train import KNOWN_KEYS as LSDM
@@ -133,11 +141,12 @@ def recipe_schemas():
         "distill/unet-tiny": DISTILL_UNET,
         "distill/steps-tiny": DISTILL_STEPS,
         "distill/vae-decoder-tiny": DISTILL_VAE_DECODER,
+        "quantize/ptq-tiny": QUANTIZE_PTQ,
     }
 
 
 RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
-                  "distill/vae-decoder-tiny"]  # fmt: skip
+                  "distill/vae-decoder-tiny", "quantize/ptq-tiny"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)
