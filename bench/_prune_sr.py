@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+TEACHER_SETTINGS = "bench_settings.json"
 SR_MODEL = {"scale": 2, "channels": 24, "num_blocks": 8, "inner_channels": 72}
 OUTPUT_SIZE = (720, 1280)
 
@@ -35,13 +37,20 @@ def run(teacher_paths: dict, work_dir: Path, teacher_steps: int, search_steps: i
     work_dir = Path(work_dir)
     photos = str(Path(teacher_paths["root"]) / "photos" / "heldout")
     teacher_run = work_dir / "teacher"
-    if not (teacher_run / "train_report.json").is_file():
-        train_sr(load_config("sr/tiny", [
-            f"output={teacher_run}", *sr_data(teacher_paths), *(f"model.{k}={v}" for k, v in SR_MODEL.items()),
-            f"train.max_train_steps={teacher_steps}", f"train.checkpointing_steps={teacher_steps}",
-            "train.lr_scheduler=cosine", "train.log_every=100", "validation.every=0", f"validation.photos={photos}",
-            "validation.max_side=null",
-        ]))  # fmt: skip
+    teacher_overrides = [
+        f"output={teacher_run}", *sr_data(teacher_paths), *(f"model.{k}={v}" for k, v in SR_MODEL.items()),
+        f"train.max_train_steps={teacher_steps}", f"train.checkpointing_steps={teacher_steps}",
+        "train.lr_scheduler=cosine", "train.log_every=100", "validation.every=0", f"validation.photos={photos}",
+        "validation.max_side=null",
+    ]  # fmt: skip
+    # The unpruned network is a teacher, trained once and kept (like the bench teacher) while its
+    # recipe stays the same; bench/prune.py clears everything else.
+    marker = teacher_run / TEACHER_SETTINGS
+    finished = (teacher_run / "train_report.json").is_file() and marker.is_file()
+    if not finished or json.loads(marker.read_text()) != teacher_overrides:
+        shutil.rmtree(teacher_run, ignore_errors=True)
+        train_sr(load_config("sr/tiny", teacher_overrides))
+        marker.write_text(json.dumps(teacher_overrides, indent=1))
     pruned_run = work_dir / "pruned"
     if not (pruned_run / "prune_report.json").is_file():
         prune(load_config("prune/sr-tiny", [

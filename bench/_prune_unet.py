@@ -10,19 +10,26 @@ its latency on ``runtime`` (ms of one guided step, batch 2, as :mod:`distill.wid
 1. ``pas``: ``hyperhuman prune`` itself (:func:`distill.prune.prune`): ``search_steps`` of mask search
    (task + KD + resource hinge), removal, ``finetune_steps`` of KD fine-tune.
 2. ``uniform``: every prunable block (:func:`hyperhuman.unet_widths.prunable`) at the same fraction
-   of its groups (rounded to whole groups), the largest fraction whose predicted latency meets the
-   target, keeping each block's first channels (what scaling a network's width means).
+   of its groups (rounded to whole groups), keeping each block's first channels (what scaling a
+   network's width means).
 3. ``l1``: magnitude pruning: each group scored by the L1 norm of the weights that produce it
    (a ResNet's conv1 rows, an attention head's to_q/to_k/to_v rows, a feed-forward's input
    projection rows, value and gate), divided by its block's mean score so blocks of different
    sizes compare, ranked over the whole model; the lowest go until the predicted latency meets
-   the target.
+   a budget.
+
+The baselines' width fraction and L1 budget are set so that their *measured* step matches the
+fine-tuned PaS model's (:func:`matched`: bisection, each candidate timed in alternation with the
+PaS model). Equal predicted latency would not do: a search that optimises against a cost model
+finds where that model errs, and PaS's widths did time slower than predicted while the baselines'
+timed faster, which made equal predictions unequal latencies.
 
 Why the comparison is fair:
 
-- **one cost model**: every method's widths are priced by the :class:`distill.width_cost.WidthCost`
-  the PaS run fitted (``pas/cost.json``), and the target is the same ``fraction`` × its measured
-  full step; each model's step is then measured in one alternating loop beside the others.
+- **one latency**: PaS searches to ``fraction`` × the teacher's fitted step with the
+  :class:`distill.width_cost.WidthCost` it fitted (``pas/cost.json``); the baselines are matched
+  to the PaS model's measured step; at the end each model's step is measured in one alternating
+  loop beside the others, and the table reports every model's predicted latency as well.
 - **one training budget**: PaS trains ``search_steps`` with masks and ``finetune_steps`` after
   removal; each baseline fine-tunes for ``search_steps + finetune_steps``. The baselines' fine-tune
   *is* PaS's fine-tune phase: :func:`distill.prune.start_from` makes their sliced model the run's
@@ -85,7 +92,8 @@ def run(
     ``{"rows", "summary", "budgets", "times_s"}``; each row's ``latency_error`` is predicted /
     measured − 1, ``calibrated_error`` the same with the predictions scaled by the teacher's
     measured step over the fitted one (the machine's drift since the fit taken out)."""
-    from distill.prune import start_from
+    from distill.measure import load_pipeline
+    from distill.prune import cost_inputs, start_from
     from distill.step_models import load_teacher
     from distill.width_cost import WidthCost
 
@@ -104,16 +112,25 @@ def run(
     target = reports["pas"]["target"]
     min_groups = config["search"].get("min_groups", 1)
 
+    pas_unet = load_pipeline(work_dir / "pas").unet.eval()
+    inputs = cost_inputs(family, config)
+    narrowest = cost.predict(uniform_widths(family.unet, 0.0, min_groups))
     selections = {
-        "uniform": lambda: uniform_model(family.unet, cost, target, min_groups),
-        "l1": lambda: magnitude_model(family.unet, cost, target, min_groups),
-    }
+        "uniform": lambda: matched(
+            lambda fraction: uniform_model_at(family.unet, fraction, min_groups), 0.0, 1.0, pas_unet, inputs, runtime
+        ),
+        "l1": lambda: matched(
+            lambda budget: magnitude_model(family.unet, cost, budget, min_groups), narrowest, cost.full, pas_unet,
+            inputs, runtime,
+        ),
+    }  # fmt: skip
     for name, select in selections.items():
         stage = time.perf_counter()
         output = work_dir / name
         baseline = finetune_config(config, output, total)
-        # The cost model is part of the settings: a new PaS fit re-selects the baselines' widths.
-        baseline_settings = {**settings, "config": baseline, "cost": cost.to_json()}
+        # The cost model and the PaS model are part of the settings: a new PaS run re-selects the widths.
+        baseline_settings = {**settings, "config": baseline, "cost": cost.to_json(), "match": "pas measured step",
+                             "pas_widths": reports["pas"]["widths"]}  # fmt: skip
         reports[name] = kept_run(output, baseline_settings)
         if reports[name] is None:
             unet, selection = select()
@@ -238,30 +255,34 @@ def uniform_widths(model, fraction: float, min_groups: int) -> dict[str, int]:
     return result
 
 
-def uniform_fraction(model, cost, target: float, min_groups: int) -> float:
-    """The largest width fraction whose predicted cost meets ``target`` (bisection: the cost never
-    falls as the fraction grows, every slope being ≥ 0); 0 when even the narrowest model misses it."""
-    if cost.predict(uniform_widths(model, 1.0, min_groups)) <= target:
-        return 1.0
-    low, high = 0.0, 1.0  # low meets the target (or nothing does), high does not
-    for _ in range(40):
-        middle = (low + high) / 2
-        if cost.predict(uniform_widths(model, middle, min_groups)) <= target:
-            low = middle
-        else:
-            high = middle
-    return low
-
-
-def uniform_model(teacher, cost, target: float, min_groups: int) -> tuple:
-    """A copy of ``teacher`` narrowed uniformly to meet ``target``, first channels kept."""
+def uniform_model_at(teacher, fraction: float, min_groups: int) -> tuple:
+    """A copy of ``teacher`` with every block at ``fraction`` of its groups, first channels kept."""
     from distill.pas import with_widths_recorded
     from hyperhuman.unet_widths import shrink_to_widths
 
-    fraction = uniform_fraction(teacher, cost, target, min_groups)
     kept = uniform_widths(teacher, fraction, min_groups)
     unet = shrink_to_widths(copy.deepcopy(teacher), kept)
     return with_widths_recorded(unet).eval(), {"method": "uniform", "width_fraction": fraction}
+
+
+# --- matching a measured latency ---------------------------------------------------------------------
+def matched(build, low: float, high: float, reference, inputs: dict, runtime: str, rounds: int = 8) -> tuple:
+    """The ``build(parameter)`` model whose measured step is closest to ``reference``'s, found by
+    bisection over ``[low, high]`` (the step grows with the parameter); each candidate is timed in
+    alternation with ``reference`` (:func:`alternating_step_ms`), so machine drift cancels in the
+    ratio. Returns ``(model, selection)``, the selection recording the parameter and the ratio."""
+    best = None
+    for _ in range(rounds):
+        middle = (low + high) / 2
+        model, selection = build(middle)
+        ms = alternating_step_ms({"reference": reference, "candidate": model}, inputs, runtime, repeats=3)
+        ratio = ms["candidate"] / ms["reference"]
+        print(f"[bench prune] {selection['method']} at {middle:.4g}: {ratio:.3f} × the PaS step", flush=True)
+        if best is None or abs(ratio - 1) < abs(best[2] - 1):
+            best = (model, selection, ratio, middle)
+        low, high = (low, middle) if ratio > 1 else (middle, high)
+    model, selection, ratio, parameter = best
+    return model, {**selection, "matched_parameter": parameter, "measured_vs_pas": ratio}
 
 
 # --- magnitude (L1) ------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@
 
 The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
 ``../shared/data/humans``, cached) is taken to ``--fraction`` of its eager latency (one guided step,
-batch 2) three ways with the same cost model and the same training budget (``bench/_prune_unet.py``
-says why the comparison is fair): measured and predicted latency, the prediction's error, params,
-held-out v-loss and PSNR of samples against the unpruned teacher's.
+batch 2) by PaS, and uniform width scaling and L1 magnitude pruning are narrowed to the PaS model's
+measured step; all three get the same training budget (``bench/_prune_unet.py`` says why the
+comparison is fair): measured and predicted latency, the prediction's error, params, held-out
+v-loss and PSNR of samples against the unpruned teacher's.
 
-The SR network (``bench/_prune_sr.py``): WDSR-A trained on the same shards, searched to
-``--sr-fraction`` of its compiled latency at 720p output; PSNR / SSIM on the held-out photos
-against the unpruned network and bicubic, fps, the speed model's error.
+The SR network (``bench/_prune_sr.py``): WDSR-A trained on the same shards (once: it is kept, like
+the bench teacher, while its recipe stays), searched to ``--sr-fraction`` of its compiled latency
+at 720p output; PSNR / SSIM on the held-out photos against the unpruned network and bicubic, fps,
+the speed model's error.
 
 Writes ``bench/results/prune.json`` whose ``summary`` holds ``pas_loss``, ``uniform_loss``,
 ``l1_loss`` (held-out v-loss), ``sr_speedup``, ``sr_psnr_drop_db``, ``sr_psnr_over_bicubic_db``
@@ -64,8 +66,9 @@ def main() -> None:
     teacher = _teacher.teacher()
     teacher_s = time.perf_counter() - started
     runs = teacher["root"] / "prune"
-    if not args.reuse_runs:
-        shutil.rmtree(runs, ignore_errors=True)
+    if not args.reuse_runs:  # every run but the unpruned SR network (a teacher: kept while its recipe is)
+        shutil.rmtree(runs / "unet", ignore_errors=True)
+        shutil.rmtree(runs / "sr" / "pruned", ignore_errors=True)
     unet = _prune_unet.run(teacher, runs / "unet", args.search_steps, args.finetune_steps, args.fraction,
                            args.runtime, args.repeats)  # fmt: skip
     _prune_unet.print_table(unet)
