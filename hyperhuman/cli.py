@@ -261,6 +261,20 @@ def _quantize_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_qat(args: argparse.Namespace) -> int:
+    from distill.quant.qat import quantize_qat
+
+    config = load_config(args.config, args.overrides)
+    report = quantize_qat(config, resume=args.resume)
+    if "last_loss" in report:
+        heldout = report["heldout"]
+        losses = ", ".join(f"{name} {value:.4f}" for name, value in heldout.items())
+        print(f"[quantize qat] {report['steps']} steps, loss {report['first_loss']:.4f} → {report['last_loss']:.4f}; "
+              f"held-out v-loss {losses or '(no validation.heldout)'}; int8-representable: "
+              f"{report['int8_representable']}; pipeline in {config['output']}/pipeline")  # fmt: skip
+    return 0
+
+
 def _distill_steps(args: argparse.Namespace) -> int:
     from distill.steps import distill_steps
 
@@ -468,13 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(prune_parser, "prune/tiny")
     prune_parser.set_defaults(func=_prune)
 
-    quantize_parser = commands.add_parser("quantize", help="quantize a denoiser: int8 PTQ on the x86 runtime")
+    quantize_parser = commands.add_parser("quantize", help="quantize a denoiser: int8 PTQ, QAT schemes, PIM-QAT")
     schemes = quantize_parser.add_subparsers(dest="scheme", required=True, metavar="SCHEME")
     ptq = schemes.add_parser(
         "ptq", help="int8 PT2E post-training quantization, calibrated on the model's own sampling trajectories"
     )
     _add_config_options(ptq, "quantize/ptq-tiny")
     ptq.set_defaults(func=_quantize_ptq)
+    qat = schemes.add_parser(
+        "qat", help="quantization-aware KD fine-tuning: fixed-point, power-of-two or mixed schemes, PIM-QAT"
+    )
+    _add_resume_option(qat)
+    _add_config_options(qat, "quantize/qat-tiny")
+    qat.set_defaults(func=_quantize_qat)
 
     gallery_parser = commands.add_parser("gallery", help="static HTML galleries of shards or of an eval run")
     gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True, metavar="KIND")
@@ -524,6 +544,7 @@ RESUME_HINTS = {
     "distill": "for `distill unet`, `distill steps` or `distill vae-decoder`, rerun it with --resume latest to "
     "continue from the last checkpoint",
     "prune": "rerun it with --resume latest to continue from the last checkpoint",
+    "quantize": "for `quantize qat`, rerun it with --resume latest to continue from the last checkpoint",
 }
 
 

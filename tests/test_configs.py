@@ -80,6 +80,12 @@ def check_quantize_ptq(config):
     check_ptq_config(config, check_paths=False)
 
 
+def check_quantize_qat(config):
+    from distill.quant.qat import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_demo(config):
     """Each stage's config with the demo's overrides passes that stage's own checks."""
     from hyperhuman.config import apply_overrides
@@ -101,6 +107,7 @@ CHECKS = {
     "distill/vae-decoder": check_distill_vae_decoder,
     "prune/": check_prune,
     "quantize/ptq": check_quantize_ptq,
+    "quantize/qat": check_quantize_qat,
     "shards": check_shards,
     "demo": check_demo,
 }
@@ -125,6 +132,7 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 def recipe_schemas():
     from distill.kd import KNOWN_KEYS as DISTILL_UNET
+    from distill.quant.qat import KNOWN_KEYS as QUANTIZE_QAT
     from distill.quantize import KNOWN_KEYS as QUANTIZE_PTQ
     from distill.steps import KNOWN_KEYS as DISTILL_STEPS
     from distill.vae_decoder import KNOWN_KEYS as DISTILL_VAE_DECODER
@@ -142,11 +150,12 @@ def recipe_schemas():
         "distill/steps-tiny": DISTILL_STEPS,
         "distill/vae-decoder-tiny": DISTILL_VAE_DECODER,
         "quantize/ptq-tiny": QUANTIZE_PTQ,
+        "quantize/qat-tiny": QUANTIZE_QAT,
     }
 
 
 RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
-                  "distill/vae-decoder-tiny", "quantize/ptq-tiny"]  # fmt: skip
+                  "distill/vae-decoder-tiny", "quantize/ptq-tiny", "quantize/qat-tiny"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)

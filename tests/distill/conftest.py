@@ -75,3 +75,23 @@ def sd_teacher_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd-teacher") / "pipeline"
     pipeline.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def float_pipeline(teacher_run):
+    """The toy teacher as a pipeline (progress bars off): the float model the quantization tests quantize."""
+    from hyperhuman.lsdm.pipeline import HyperHumanPipeline
+
+    pipeline = HyperHumanPipeline.from_pretrained(teacher_run / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def calibration(float_pipeline, distill_shards):
+    """Trajectory calibration of the toy teacher: 2 batches of 2 samples × 3 of 6 steps."""
+    from distill.quant.calibration import trajectory_calibration
+
+    return trajectory_calibration(
+        float_pipeline, str(distill_shards), num_samples=4, steps=6, timesteps=3, batch_size=2
+    )

@@ -15,20 +15,6 @@ from distill.quant.ptq import (
     save_program,
     with_denoiser,
 )
-from hyperhuman.lsdm.pipeline import HyperHumanPipeline
-
-
-@pytest.fixture(scope="module")
-def float_pipeline(teacher_run):
-    pipeline = HyperHumanPipeline.from_pretrained(teacher_run / "pipeline")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def calibration(float_pipeline, distill_shards):
-    shards = str(distill_shards)
-    return trajectory_calibration(float_pipeline, shards, num_samples=4, steps=6, timesteps=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")
