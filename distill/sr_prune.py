@@ -1,12 +1,14 @@
 """``hyperhuman prune`` on the SR network (``network: sr``): fit the speed model, search widths and
 depth under a latency hinge (:mod:`distill.sr_search`), remove, fine-tune with KD.
 
-1. **speed model** (``OUTPUT/speed.json``): the teacher timed on ``target.cost`` (a runtime of
-   :mod:`distill.latency`) at the low-resolution input ``timing.height × timing.width`` (360 × 640
-   for a 1280 × 720 output at ×2), with its error on random pruned networks it was not fitted on.
+1. **speed model** (``OUTPUT/speed.json``): fitted to whole networks (the teacher and pruned
+   versions of it) timed on ``target.cost`` (a runtime of :mod:`distill.latency`) at the
+   low-resolution input ``timing.height × timing.width`` (360 × 640 for a 1280 × 720 output at
+   ×2), with its error on random pruned networks it was not fitted on.
 2. **search** (``OUTPUT/search/sr``): ``search.steps`` of L1 to the photo + L1 to the teacher +
    ``resource_weight`` · max(predicted / target − 1, 0); forced drops when the steps run out above
-   the target; removal. It runs on the main process (it is short); every process then loads it.
+   the target, and what was dropped taken back, most wanted first, while the target stays met
+   (``restored`` in the search report); removal. It runs on the main process (it is short); every process then loads it.
 3. **fine-tune** (``OUTPUT/sr``): the smaller network trains on task + KD L1 for
    ``train.max_train_steps`` on the shared machinery (accelerate, EMA, checkpoints, exact
    ``--resume``; a finished search is kept).
@@ -118,7 +120,15 @@ def pairs(batches, scale: int, device):
 
 
 def prune_sr(config: dict, resume: str | None = None) -> dict:
-    from distill.sr_search import SRSpeedModel, fit_speed_model, kept_architecture, meet_target, remove, search
+    from distill.sr_search import (
+        SRSpeedModel,
+        fill_to_target,
+        fit_speed_model,
+        kept_architecture,
+        meet_target,
+        remove,
+        search,
+    )
     from hyperhuman.lsdm.data import Batches
     from hyperhuman.sr.model import SuperResolutionNet
 
@@ -151,6 +161,7 @@ def prune_sr(config: dict, resume: str | None = None) -> dict:
                 seed=seed,
             )  # fmt: skip
             forced = meet_target(masks, speed, target_ms(config, speed))
+            restored = fill_to_target(masks, speed, target_ms(config, speed))
             met = speed.predict(kept_architecture(masks)) <= target_ms(config, speed)
             if not met:
                 print(
@@ -159,7 +170,8 @@ def prune_sr(config: dict, resume: str | None = None) -> dict:
                 )
             remove(net, masks).save_pretrained(searched)
             (searched.parent / "search_report.json").write_text(json.dumps({
-                "steps": len(log), "forced_channels": forced, "architecture": kept_architecture(masks),
+                "steps": len(log), "forced_channels": forced, "restored": restored,
+                "architecture": kept_architecture(masks),
                 "target_met": met,
                 "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             }, indent=1))  # fmt: skip

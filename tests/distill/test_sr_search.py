@@ -11,6 +11,7 @@ import torch
 from distill.sr_search import (
     SkipGate,
     SRSpeedModel,
+    fill_to_target,
     fit_speed_model,
     held_out_error,
     insert_masks,
@@ -105,6 +106,25 @@ def test_a_short_search_meets_its_target_and_removes_to_a_working_network():
     assert pruned.block_widths() == architecture
     assert pruned(torch.rand(1, 3, 6, 6)).shape == (1, 3, 12, 12)
     assert all(w >= 1 for w in itertools.chain(architecture.values()))
+
+
+def test_what_an_overshooting_search_dropped_comes_back_while_the_target_holds():
+    torch.manual_seed(0)
+    net = tiny_net()
+    speed = SRSpeedModel("eager", (1, 3, 8, 8), fixed=1.0, intercept=0.2, slope=0.1, fit_error=0.0, full=6.6)
+    masks = insert_masks(net)
+    with torch.no_grad():  # all gates and masks crossed together: far under the target
+        for mask, gate in masks.values():
+            gate.weight.fill_(0.3)
+            mask.weight.uniform_(0.0, 0.4)
+        masks[1][1].weight.fill_(0.45)  # the block the search was closest to keeping
+    target = 0.5 * speed.full
+    assert speed.predict(kept_architecture(masks)) == speed.fixed
+    restored = fill_to_target(masks, speed, target)
+    architecture = kept_architecture(masks)
+    predicted = speed.predict(architecture)
+    assert restored > 0 and 1 in architecture and predicted <= target
+    assert fill_to_target(masks, speed, target) == 0
 
 
 def test_hyperhuman_prune_on_the_sr_network_searches_fine_tunes_and_resumes(tmp_path):
