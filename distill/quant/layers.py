@@ -119,7 +119,11 @@ def check_scheme(spec: dict | None, role: str) -> None:
     for pattern, ratio in (spec.get("pot_ratio_per_layer") or {}).items():
         if not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
             raise ValueError(f"{role} scheme: pot_ratio_per_layer[{pattern!r}]={ratio!r}; give a fraction in [0, 1]")
-    make_weight_quantizer(spec, "check") if role == "weight" else make_input_quantizer(spec)  # bits, ratio
+    # building one checks what only the quantizers know (bits, the mixed ratio)
+    if role == "weight":
+        make_weight_quantizer(spec, "check")
+    else:
+        make_input_quantizer(spec)
 
 
 def make_weight_quantizer(spec: dict, name: str) -> nn.Module:

@@ -173,9 +173,8 @@ def quantize_qat(config: dict, resume: str | None = None) -> dict:
             with torch.no_grad():
                 reference = teacher(noisy, timesteps, **conditions).sample
             prediction = model(noisy, timesteps, **conditions).sample
-            loss = weights["task_weight"] * family.loss(prediction, target_v) + weights["output_weight"] * family.loss(
-                prediction, reference
-            )
+            task, distilled = family.loss(prediction, target_v), family.loss(prediction, reference)
+            loss = weights["task_weight"] * task + weights["output_weight"] * distilled
             optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
         if not accelerator.sync_gradients:
             continue
