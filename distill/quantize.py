@@ -29,6 +29,7 @@ from hyperhuman.config import ConfigError, check_known_keys
 
 REFERENCE = "configs/quantize/ptq-tiny.yaml"
 PROGRAM_FILE = "unet_int8.pt2"
+ONNX_FILES = {"fp32": "unet.onnx", "int8": "unet_int8.onnx"}
 REPORT_FILE = "quantize_report.json"
 RUNTIMES = ("eager", "compiled", "bf16", "int8")
 CALIBRATION_KEYS = dict.fromkeys(
@@ -37,7 +38,9 @@ CALIBRATION_KEYS = dict.fromkeys(
 EVALUATION_KEYS = dict.fromkeys(
     ["heldout", "heldout_num", "psnr_num", "psnr_steps", "guidance_scale", "runtimes", "int8_runtime", "repeats"]
 )
-KNOWN_KEYS = {"output": None, "model": None, "calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS}
+KNOWN_KEYS = {
+    "output": None, "model": None, "onnx": None, "calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS,
+}  # fmt: skip
 
 
 def check_ptq_config(config: dict, check_paths: bool = True) -> None:
@@ -64,6 +67,8 @@ def check_ptq_config(config: dict, check_paths: bool = True) -> None:
         raise ConfigError(f"evaluation.runtimes has {unknown}; choose from {RUNTIMES}")
     if runtimes and not evaluation.get("heldout"):
         raise ConfigError("evaluation.runtimes times a step at the held-out resolution: set evaluation.heldout too")
+    if not isinstance(config.get("onnx", False), bool):
+        raise ConfigError(f"onnx={config['onnx']!r}; give true (also export ONNX fp32 and int8 QDQ) or false")
     if evaluation.get("int8_runtime", "eager") not in INT8_RUNTIMES:
         raise ConfigError(f"evaluation.int8_runtime={evaluation.get('int8_runtime')!r}; choose one of {INT8_RUNTIMES}")
     if check_paths:
@@ -122,6 +127,10 @@ def quantize_ptq(config: dict) -> dict:
         "ops": quantized_ops(program),
         "times_s": {"calibration": round(calibration_s, 2), "quantize": round(quantize_s, 2)},
     }
+    if config.get("onnx"):
+        stage = time.perf_counter()
+        report["onnx"] = onnx_models(unet, calibration, output)
+        report["times_s"]["onnx"] = round(time.perf_counter() - stage, 2)
     if evaluation.get("heldout"):
         int8_runtime = evaluation.get("int8_runtime", "eager")
         int8_pipeline = with_denoiser(pipeline, QuantizedDenoiser(compiled(program, int8_runtime), unet))
@@ -143,6 +152,19 @@ def calibration_error(unet, program, calibration) -> float:
         ours = program(**canonical_call(unet, args, kwargs)).sample
         errors.append(((ours - reference).norm() / reference.norm().clamp_min(1e-12)).item())
     return sum(errors) / len(errors)
+
+
+def onnx_models(unet, calibration, output: Path) -> dict:
+    """The ONNX Runtime route: the denoiser exported at the calibration's shapes (``unet.onnx``)
+    and its static QDQ int8 (``unet_int8.onnx``) calibrated on the same calls, with its error."""
+    from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq
+    from distill.quant.ptq import canonical_call
+
+    calls = [canonical_call(unet, args, kwargs) for args, kwargs in calibration.calls]
+    fp32 = export_onnx(unet, calls[0], output / ONNX_FILES["fp32"])
+    int8 = quantize_qdq(fp32, calls, output / ONNX_FILES["int8"])
+    error = calibration_error(unet, OnnxDenoiser(int8), calibration)
+    return {"fp32": str(fp32), "int8": str(int8), "relative_error": error}
 
 
 def quantized_ops(program) -> dict[str, int]:
@@ -210,12 +232,20 @@ def step_latencies(pipeline, program, heldout, runtimes: list[str], evaluation: 
 
 def load_quantized_pipeline(output: str | Path, runtime: str = "compiled"):
     """The ``HyperHumanPipeline`` of a ``quantize ptq`` run, denoising with its int8 program
-    (``runtime``: ``compiled``, the int8 kernels; ``eager``: simulated in fp32)."""
+    (``runtime``: ``compiled``, the int8 kernels; ``eager``: simulated in fp32; ``onnx`` /
+    ``onnx-int8``: the run's ONNX models in ONNX Runtime, written with ``onnx: true``)."""
     from distill.measure import load_pipeline
     from distill.quant.ptq import QuantizedDenoiser, compiled, load_program, with_denoiser
 
     output = Path(output)
     pipeline = load_pipeline(output)
+    if runtime.startswith("onnx"):
+        from distill.quant.onnx_runtime import OnnxDenoiser
+
+        path = output / ONNX_FILES["int8" if runtime == "onnx-int8" else "fp32"]
+        if runtime not in ("onnx", "onnx-int8") or not path.is_file():
+            raise FileNotFoundError(f"runtime={runtime!r} needs {path}: run quantize ptq with --set onnx=true")
+        return with_denoiser(pipeline, QuantizedDenoiser(OnnxDenoiser(path), pipeline.unet))
     return with_denoiser(
         pipeline, QuantizedDenoiser(compiled(load_program(output / PROGRAM_FILE), runtime), pipeline.unet)
     )
