@@ -30,6 +30,7 @@ from hyperhuman.config import ConfigError, check_known_keys
 REFERENCE = "configs/quantize/ptq-tiny.yaml"
 PROGRAM_FILE = "unet_int8.pt2"
 ONNX_FILES = {"fp32": "unet.onnx", "int8": "unet_int8.onnx"}
+ONNX_RUNTIMES = {"onnx": "fp32", "onnx-int8": "int8"}  # load_quantized_pipeline's runtime → its ONNX file
 REPORT_FILE = "quantize_report.json"
 RUNTIMES = ("eager", "compiled", "bf16", "int8")
 CALIBRATION_KEYS = dict.fromkeys(
@@ -239,11 +240,11 @@ def load_quantized_pipeline(output: str | Path, runtime: str = "compiled"):
 
     output = Path(output)
     pipeline = load_pipeline(output)
-    if runtime.startswith("onnx"):
+    if runtime in ONNX_RUNTIMES:
         from distill.quant.onnx_runtime import OnnxDenoiser
 
-        path = output / ONNX_FILES["int8" if runtime == "onnx-int8" else "fp32"]
-        if runtime not in ("onnx", "onnx-int8") or not path.is_file():
+        path = output / ONNX_FILES[ONNX_RUNTIMES[runtime]]
+        if not path.is_file():
             raise FileNotFoundError(f"runtime={runtime!r} needs {path}: run quantize ptq with --set onnx=true")
         return with_denoiser(pipeline, QuantizedDenoiser(OnnxDenoiser(path), pipeline.unet))
     return with_denoiser(
