@@ -30,6 +30,7 @@ from hyperhuman.config import ConfigError, check_known_keys
 REFERENCE = "configs/quantize/ptq-tiny.yaml"
 PROGRAM_FILE = "unet_int8.pt2"
 ONNX_FILES = {"fp32": "unet.onnx", "int8": "unet_int8.onnx"}
+DECODER_FILES = {"fp32": "vae_decoder.onnx", "int8": "vae_decoder_int8.onnx"}
 ONNX_RUNTIMES = {"onnx": "fp32", "onnx-int8": "int8"}  # load_quantized_pipeline's runtime → its ONNX file
 REPORT_FILE = "quantize_report.json"
 RUNTIMES = ("eager", "compiled", "bf16", "int8")
@@ -40,7 +41,8 @@ EVALUATION_KEYS = dict.fromkeys(
     ["heldout", "heldout_num", "psnr_num", "psnr_steps", "guidance_scale", "runtimes", "int8_runtime", "repeats"]
 )
 KNOWN_KEYS = {
-    "output": None, "model": None, "onnx": None, "calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS,
+    "output": None, "model": None, "split_skip": None, "onnx": None,
+    "calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS,
 }  # fmt: skip
 
 
@@ -68,6 +70,8 @@ def check_ptq_config(config: dict, check_paths: bool = True) -> None:
         raise ConfigError(f"evaluation.runtimes has {unknown}; choose from {RUNTIMES}")
     if runtimes and not evaluation.get("heldout"):
         raise ConfigError("evaluation.runtimes times a step at the held-out resolution: set evaluation.heldout too")
+    if not isinstance(config.get("split_skip", False), bool):
+        raise ConfigError(f"split_skip={config['split_skip']!r}; true: a scale per half of each skip concat; or false")
     if not isinstance(config.get("onnx", False), bool):
         raise ConfigError(f"onnx={config['onnx']!r}; give true (also export ONNX fp32 and int8 QDQ) or false")
     if evaluation.get("int8_runtime", "eager") not in INT8_RUNTIMES:
@@ -107,7 +111,7 @@ def quantize_ptq(config: dict) -> dict:
     print(f"[quantize ptq] {len(calibration)} calibration calls ({calibration.mode}, steps {steps})")
 
     stage = time.perf_counter()
-    program = quantize_int8(unet, calibration)
+    program = quantize_int8(unet, calibration, split_skip=config.get("split_skip", False))
     quantize_s = time.perf_counter() - stage
     output.mkdir(parents=True, exist_ok=True)
     save_program(program, canonical_call(unet, *calibration.example), output / PROGRAM_FILE)
@@ -118,6 +122,7 @@ def quantize_ptq(config: dict) -> dict:
     report = {
         "model": str(config["model"]),
         "program": str(output / PROGRAM_FILE),
+        "split_skip": config.get("split_skip", False),
         "calibration": {
             "mode": calibration.mode,
             "calls": len(calibration),
@@ -130,7 +135,9 @@ def quantize_ptq(config: dict) -> dict:
     }
     if config.get("onnx"):
         stage = time.perf_counter()
-        report["onnx"] = onnx_models(unet, calibration, output)
+        report["onnx"] = onnx_models(unet, calibration, output, config.get("split_skip", False))
+        if calibration.decoder_inputs:
+            report["onnx"]["vae_decoder"] = onnx_decoders(pipeline.vae, calibration.decoder_inputs, output)
         report["times_s"]["onnx"] = round(time.perf_counter() - stage, 2)
     if evaluation.get("heldout"):
         int8_runtime = evaluation.get("int8_runtime", "eager")
@@ -155,17 +162,34 @@ def calibration_error(unet, program, calibration) -> float:
     return sum(errors) / len(errors)
 
 
-def onnx_models(unet, calibration, output: Path) -> dict:
+def onnx_models(unet, calibration, output: Path, split_skip: bool = False) -> dict:
     """The ONNX Runtime route: the denoiser exported at the calibration's shapes (``unet.onnx``)
     and its static QDQ int8 (``unet_int8.onnx``) calibrated on the same calls, with its error."""
     from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq
     from distill.quant.ptq import canonical_call
+    from distill.quant.split_skip import with_split_skip
 
     calls = [canonical_call(unet, args, kwargs) for args, kwargs in calibration.calls]
-    fp32 = export_onnx(unet, calls[0], output / ONNX_FILES["fp32"])
+    exported = with_split_skip(unet, calls[0]) if split_skip else unet
+    fp32 = export_onnx(exported, calls[0], output / ONNX_FILES["fp32"])
     int8 = quantize_qdq(fp32, calls, output / ONNX_FILES["int8"])
     error = calibration_error(unet, OnnxDenoiser(int8), calibration)
     return {"fp32": str(fp32), "int8": str(int8), "relative_error": error}
+
+
+@torch.no_grad()
+def onnx_decoders(vae, decoder_inputs: list[torch.Tensor], output: Path) -> dict:
+    """The VAE decoder on the same route (``vae_decoder.onnx``, ``vae_decoder_int8.onnx``),
+    calibrated on the trajectories' final latents; the int8 decoder's mean relative error on them."""
+    from distill.quant.onnx_runtime import OnnxDenoiser, export_vae_decoder, quantize_qdq
+
+    fp32 = export_vae_decoder(vae, decoder_inputs[0], output / DECODER_FILES["fp32"])
+    int8 = quantize_qdq(fp32, [{"latents": latents} for latents in decoder_inputs], output / DECODER_FILES["int8"])
+    session, errors = OnnxDenoiser(int8), []
+    for latents in decoder_inputs:
+        reference = vae.decode(latents).sample
+        errors.append(((session(latents=latents).sample - reference).norm() / reference.norm()).item())
+    return {"fp32": str(fp32), "int8": str(int8), "relative_error": sum(errors) / len(errors)}
 
 
 def quantized_ops(program) -> dict[str, int]:

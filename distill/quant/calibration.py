@@ -24,11 +24,14 @@ MODES = ("spread", "single")
 
 @dataclass
 class Calibration:
-    """Recorded denoiser calls ``(args, kwargs)`` and the sampling step index of each."""
+    """Recorded denoiser calls ``(args, kwargs)`` and the sampling step index of each; with
+    trajectories run to the end (``spread``), the VAE decoder's inputs too: each finished batch's
+    latents of every branch, denormalised as the pipeline hands them to ``vae.decode``."""
 
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     mode: str = "spread"
+    decoder_inputs: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -104,7 +107,7 @@ def trajectory_calibration(
             rows = range(start, min(start + batch_size, trajectories))
             state["step"] = 0
             try:
-                pipeline(
+                final = pipeline(
                     [conditions.captions[i % len(conditions)] for i in rows],
                     pose=[conditions.poses[i % len(conditions)] for i in rows],
                     height=conditions.resolution,
@@ -114,9 +117,12 @@ def trajectory_calibration(
                     latents=torch.cat([noise[name][rows.start : rows.stop] for name in names], dim=1),
                     generator=torch.Generator().manual_seed(seed),
                     output_type="latent",
-                )
+                ).rgb  # with output_type="latent": every branch's latents, stacked along channels
             except _Enough:
-                pass
+                continue
+            chunks = final.split(pipeline.unet.config.latent_channels, dim=1)
+            for name, chunk in zip(names, chunks, strict=True):
+                calibration.decoder_inputs.append(pipeline.unet.denormalize(name, chunk).detach().clone())
     finally:
         hook.remove()
     return calibration

@@ -12,6 +12,8 @@ ONNX Runtime.
   and ORT cannot yet share a quantization parameter into a weight (its error on our graphs when
   every op type is quantized). Dynamic quantization is not offered: it turns convolutions
   into ``ConvInteger`` (u8 × u8 only) and runs slower than fp32.
+- :func:`export_vae_decoder`: the VAE's decoder the same way; its calibration data are the final
+  latents of the same trajectories (``Calibration.decoder_inputs``).
 - :class:`OnnxDenoiser`: an ORT session called like the denoiser, for
   :class:`distill.quant.ptq.QuantizedDenoiser` (so ``HyperHumanPipeline`` samples with it).
 """
@@ -58,6 +60,36 @@ def export_onnx(model: nn.Module, call: dict, path: str | Path) -> Path:
         output_names=[OUTPUT_NAME], dynamo=True, external_data=size > EXTERNAL_DATA_BYTES,
     )  # fmt: skip
     return path
+
+
+class _Decoder(nn.Module):
+    """A VAE's decoder as a model of one input: latents as ``vae.decode`` takes them → the image."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor):
+        return self.vae.decode(latents)  # DecoderOutput: .sample, as the export takes it
+
+
+def export_vae_decoder(vae: nn.Module, latents: torch.Tensor, path: str | Path) -> Path:
+    """The decoder of ``vae`` exported at the batch and size of ``latents`` (input ``latents``);
+    :class:`OnnxDenoiser` runs it too (``OnnxDenoiser(path)(latents=z).sample``)."""
+    return export_onnx(_Decoder(vae), {"latents": latents}, path)
+
+
+def rebatched(calls: list[dict], rows: int) -> list[dict]:
+    """``calls`` cut into calls of ``rows`` rows each: calibration data for a model exported at a
+    smaller batch than the calibration's (each call's batch must be a multiple of ``rows``)."""
+    pieces = []
+    for call in calls:
+        size = int(next(iter(call.values())).shape[0])
+        if size % rows:
+            raise ValueError(f"a calibration call of {size} rows does not cut into calls of {rows}")
+        for start in range(0, size, rows):
+            pieces.append({name: value[start : start + rows] for name, value in call.items()})
+    return pieces
 
 
 class _Reader:

@@ -67,15 +67,27 @@ def _dynamic_batch(call: dict) -> dict:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, calibration) -> torch.fx.GraphModule:
+def quantize_int8(model: nn.Module, calibration, split_skip: bool = False) -> torch.fx.GraphModule:
     """The PT2E-converted int8 model of ``model`` (float, eval), calibrated on every call of
-    ``calibration`` (a :class:`distill.quant.calibration.Calibration`)."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
+    ``calibration`` (a :class:`distill.quant.calibration.Calibration`). ``split_skip``: the up
+    path's skip concatenations get a scale per half (:mod:`distill.quant.split_skip`, on a copy)."""
     if not len(calibration):
         raise ValueError("the calibration holds no denoiser calls: sample at least one trajectory")
     calls = [canonical_call(model, args, kwargs) for args, kwargs in calibration.calls]
-    prepared = prepare_pt2e(export_denoiser(model, calls[0]).module(), _quantizer())
+    if split_skip:
+        from distill.quant.split_skip import with_split_skip
+
+        model = with_split_skip(model, calls[0])
+    return quantize_exported(export_denoiser(model, calls[0]), calls)
+
+
+@torch.no_grad()
+def quantize_exported(exported: torch.export.ExportedProgram, calls: list[dict]) -> torch.fx.GraphModule:
+    """PT2E int8 of any exported float model (X86 inductor quantizer), calibrated on ``calls``
+    (keyword inputs): what :func:`quantize_int8` does for a denoiser, for other networks (SR)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(exported.module(), _quantizer())
     for call in calls:
         prepared(**call)
     return convert_pt2e(prepared)
@@ -106,7 +118,25 @@ def compiled(module: nn.Module, runtime: str = "compiled"):
         raise ValueError(f"int8 runtime={runtime!r}; choose one of {RUNTIMES}")
     if runtime == "eager":
         return module
-    return torch.compile(module, options={"freezing": True})
+    return Frozen(module)
+
+
+class Frozen:
+    """``torch.compile`` of ``module`` with inductor freezing (weights folded as constants: int8
+    weights prepacked for oneDNN, fp32 convolutions' weights too). Freezing is switched on while
+    each call runs, when dynamo compiles: given as ``torch.compile(options={"freezing": True})``
+    instead, inductor meets the prepack ops of a PT2E program before folding them and fails
+    (``UnsupportedOperatorException: onednn.qconv_prepack``, torch 2.14 / torchao 0.18)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.compiled = torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return self.compiled(*args, **kwargs)
 
 
 class QuantizedDenoiser(nn.Module):

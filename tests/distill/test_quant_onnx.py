@@ -5,7 +5,7 @@ a pipeline sampling with the ONNX model."""
 import pytest
 import torch
 
-from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq
+from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, export_vae_decoder, quantize_qdq, rebatched
 from distill.quant.ptq import QuantizedDenoiser, canonical_call, with_denoiser
 
 
@@ -64,3 +64,25 @@ def test_a_pipeline_samples_with_the_onnx_denoiser(float_pipeline, onnx_models):
                  generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
 
     assert abs(sample(pipeline).rgb - sample(float_pipeline).rgb).mean() < 0.05
+
+
+def test_the_vae_decoder_exports_and_quantizes_on_the_trajectories_final_latents(float_pipeline, calibration, tmp_path):
+    latents = calibration.decoder_inputs  # 2 batches × 3 branches, as the pipeline decodes them
+    assert len(latents) == 6 and latents[0].shape[:2] == (2, float_pipeline.vae.config.latent_channels)
+    vae = float_pipeline.vae
+    fp32 = export_vae_decoder(vae, latents[0], tmp_path / "vae_decoder.onnx")
+    int8 = quantize_qdq(fp32, [{"latents": z} for z in latents], tmp_path / "vae_decoder_int8.onnx")
+    for path, tolerance in ((fp32, 1e-4), (int8, 0.1)):
+        session = OnnxDenoiser(path)
+        for z in latents:
+            with torch.no_grad():
+                reference = vae.decode(z).sample
+            assert relative_error(session(latents=z).sample, reference) < tolerance
+
+
+def test_calibration_calls_cut_into_the_exported_batch(calls):
+    pieces = rebatched(calls, 2)
+    assert len(pieces) == 2 * len(calls) and all(piece["sample"].shape[0] == 2 for piece in pieces)
+    torch.testing.assert_close(torch.cat([pieces[0]["sample"], pieces[1]["sample"]]), calls[0]["sample"])
+    with pytest.raises(ValueError, match="4 rows"):
+        rebatched(calls, 3)

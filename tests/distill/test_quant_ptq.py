@@ -35,6 +35,7 @@ def test_calibration_spreads_over_the_trajectory_or_sits_at_one_step(float_pipel
     shards = str(distill_shards)
     single = trajectory_calibration(float_pipeline, shards, num_samples=2, steps=6, timesteps=2, mode="single")
     assert single.steps == [3] and single.calls[0][0][0].shape[0] == 8  # 4 trajectories cut at step 3
+    assert len(calibration.decoder_inputs) == 6 and not single.decoder_inputs  # finished trajectories only
     with pytest.raises(ValueError, match="mode"):
         trajectory_calibration(float_pipeline, shards, mode="uniform")
     with pytest.raises(ValueError, match="timesteps=8"):

@@ -21,12 +21,13 @@ def config_for(output, model, shards, **evaluation):
 @pytest.mark.slow
 def test_quantize_ptq_writes_a_program_a_pipeline_and_a_report(teacher_run, distill_shards, tmp_path):
     output = tmp_path / "ptq"
-    config = {**config_for(output, teacher_run, distill_shards, runtimes=["eager", "bf16"]), "onnx": True}
+    config = {**config_for(output, teacher_run, distill_shards, runtimes=["eager", "bf16"]), "onnx": True,
+              "split_skip": True}  # fmt: skip
     report = quantize_ptq(config)
     assert (output / "unet_int8.pt2").is_file() and (output / "pipeline" / "model_index.json").is_file()
     assert json.loads((output / "quantize_report.json").read_text()) == report
     assert report["calibration"]["calls"] == 2 and report["calibration"]["steps"] == [0, 3]
-    assert report["calibration"]["relative_error"] < 0.1
+    assert report["calibration"]["relative_error"] < 0.1 and report["split_skip"]
     assert report["ops"]["quantized_decomposed.dequantize_per_channel.default"] > 0
     evaluation = report["evaluation"]
     assert evaluation["int8_v_loss"] == pytest.approx(evaluation["fp32_v_loss"], rel=0.05)
@@ -40,6 +41,7 @@ def test_quantize_ptq_writes_a_program_a_pipeline_and_a_report(teacher_run, dist
     assert result.rgb.shape == (1, 16, 16, 3)
 
     assert report["onnx"]["relative_error"] < 0.1 and (output / "unet_int8.onnx").is_file()
+    assert report["onnx"]["vae_decoder"]["relative_error"] < 0.1 and (output / "vae_decoder_int8.onnx").is_file()
     onnx_pipeline = load_quantized_pipeline(output, runtime="onnx-int8")
     onnx_pipeline.set_progress_bar_config(disable=True)
     result = onnx_pipeline("a person", pose={"width": 16, "height": 16, "people": []}, height=16, width=16,
@@ -65,6 +67,7 @@ def test_the_command_line_names_a_bad_config_key(tmp_path, capsys):
         ({"evaluation": {"heldout": "s", "int8_runtime": "onnx"}}, "int8_runtime"),
         ({"quantise": 1}, "quantise"),
         ({"onnx": "yes"}, "onnx='yes'"),
+        ({"split_skip": 1}, "split_skip=1"),
     ],
 )
 def test_bad_configs_fail_at_start(override, message):
