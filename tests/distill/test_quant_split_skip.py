@@ -61,3 +61,18 @@ def test_pt2e_gives_each_half_of_a_skip_concatenation_its_own_scale(float_pipeli
         reference = float_pipeline.unet(**call).sample
         ours = split(**call).sample
     assert ((ours - reference).norm() / reference.norm()).item() < 0.1
+
+
+def test_a_student_with_an_up_path_resnet_removed_splits_after_it_at_the_passed_width(float_pipeline, calibration):
+    from hyperhuman.unet_parts import RemovedResnet, removable_parts, remove_parts
+
+    unet = copy.deepcopy(float_pipeline.unet)
+    removable = [name for name in removable_parts(unet) if ".up_blocks." in f".{name}" and ".resnets." in name]
+    assert removable, "the toy LSDM has no removable up-path ResNet to test with"
+    remove_parts(unet, removable[:1])
+    call = canonical_call(unet, *calibration.example)
+    model = copy.deepcopy(unet)
+    assert split_skip_convs(model, call) > 0
+    assert isinstance(model.get_submodule(removable[0]), RemovedResnet)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**call).sample, unet(**call).sample, rtol=1e-4, atol=1e-5)
