@@ -28,29 +28,37 @@ def sr_data(teacher_paths: dict) -> list[str]:
             "data.shuffle_buffer=24", "train.batch_size=8"]  # fmt: skip
 
 
-def run(teacher_paths: dict, work_dir: Path, teacher_steps: int, search_steps: int, finetune_steps: int,
-        fraction: float = 0.33, runtime: str = "compiled", repeats: int = 3) -> dict:  # fmt: skip
-    from distill.prune import prune
+def unpruned(teacher_paths: dict, work_dir: Path, teacher_steps: int) -> Path:
+    """The unpruned network's run folder (``work_dir / "teacher"``; its model in ``sr/``): trained
+    once and kept, like the bench teacher, while its recipe stays the same."""
     from hyperhuman.config import load_config
     from hyperhuman.sr.train import train_sr
 
-    work_dir = Path(work_dir)
     photos = str(Path(teacher_paths["root"]) / "photos" / "heldout")
-    teacher_run = work_dir / "teacher"
+    teacher_run = Path(work_dir) / "teacher"
     teacher_overrides = [
         f"output={teacher_run}", *sr_data(teacher_paths), *(f"model.{k}={v}" for k, v in SR_MODEL.items()),
         f"train.max_train_steps={teacher_steps}", f"train.checkpointing_steps={teacher_steps}",
         "train.lr_scheduler=cosine", "train.log_every=100", "validation.every=0", f"validation.photos={photos}",
         "validation.max_side=null",
     ]  # fmt: skip
-    # The unpruned network is a teacher, trained once and kept (like the bench teacher) while its
-    # recipe stays the same; bench/prune.py clears everything else.
     marker = teacher_run / TEACHER_SETTINGS
     finished = (teacher_run / "train_report.json").is_file() and marker.is_file()
     if not finished or json.loads(marker.read_text()) != teacher_overrides:
         shutil.rmtree(teacher_run, ignore_errors=True)
         train_sr(load_config("sr/tiny", teacher_overrides))
         marker.write_text(json.dumps(teacher_overrides, indent=1))
+    return teacher_run
+
+
+def run(teacher_paths: dict, work_dir: Path, teacher_steps: int, search_steps: int, finetune_steps: int,
+        fraction: float = 0.33, runtime: str = "compiled", repeats: int = 3) -> dict:  # fmt: skip
+    from distill.prune import prune
+    from hyperhuman.config import load_config
+
+    work_dir = Path(work_dir)
+    photos = str(Path(teacher_paths["root"]) / "photos" / "heldout")
+    teacher_run = unpruned(teacher_paths, work_dir, teacher_steps)
     pruned_run = work_dir / "pruned"
     if not (pruned_run / "prune_report.json").is_file():
         prune(load_config("prune/sr-tiny", [

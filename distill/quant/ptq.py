@@ -123,10 +123,13 @@ def compiled(module: nn.Module, runtime: str = "compiled"):
 
 class Frozen:
     """``torch.compile`` of ``module`` with inductor freezing (weights folded as constants: int8
-    weights prepacked for oneDNN, fp32 convolutions' weights too). Freezing is switched on while
-    each call runs, when dynamo compiles: given as ``torch.compile(options={"freezing": True})``
-    instead, inductor meets the prepack ops of a PT2E program before folding them and fails
-    (``UnsupportedOperatorException: onednn.qconv_prepack``, torch 2.14 / torchao 0.18)."""
+    weights prepacked for oneDNN, fp32 convolutions' weights too) and the C++ wrapper (the
+    compiled graph's kernel calls made from C++, not Python: a PT2E program is many small
+    kernels, and on the mobile student's small step the Python wrapper took half the int8
+    step's time). Both are switched on while each call runs, when dynamo compiles: freezing given as
+    ``torch.compile(options={"freezing": True})`` instead, inductor meets the prepack ops of a
+    PT2E program before folding them and fails (``UnsupportedOperatorException:
+    onednn.qconv_prepack``, torch 2.14 / torchao 0.18)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -135,7 +138,7 @@ class Frozen:
     def __call__(self, *args, **kwargs):
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        with inductor_config.patch(freezing=True, cpp_wrapper=True), torch.no_grad():
             return self.compiled(*args, **kwargs)
 
 
