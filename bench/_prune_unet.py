@@ -417,18 +417,12 @@ def measure_rows(
 def alternating_step_ms(models: dict, inputs: dict, runtime: str, repeats: int) -> dict[str, float]:
     """Median ms of one step per model: ``distill.latency.measure_step``'s timing, the models taken
     in turn for ``repeats`` rounds (3 calls each) so drift on a shared machine hits all alike."""
-    import statistics
-
-    from distill.latency import runner, time_call
+    from distill.latency import alternating_ms, runner, time_call
 
     calls = {name: runner(model, runtime) for name, model in models.items()}  # compiled once each
     for call in calls.values():
         time_call(call, (), inputs, warmup=2, repeats=1)
-    rounds = {name: [] for name in calls}
-    for _ in range(max(1, repeats)):
-        for name, call in calls.items():
-            rounds[name].append(time_call(call, (), inputs, warmup=1, repeats=3))
-    return {name: statistics.median(values) for name, values in rounds.items()}
+    return alternating_ms(calls, dict.fromkeys(calls, inputs), rounds=max(1, repeats), repeats=3)
 
 
 def summary(rows: list[dict]) -> dict:

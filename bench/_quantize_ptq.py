@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -39,28 +38,17 @@ def calibrate(pipeline, shards, mode: str, args):
     )  # fmt: skip
 
 
-def alternating_ms(calls: dict, kwargs: dict, rounds: int, repeats: int) -> dict[str, float]:
-    """Median over ``rounds`` of each callable's median ms, the callables timed in turn each round."""
+def first_call_s(call, kwargs: dict) -> float:
+    """Seconds of ``call``'s first call: its compile, for compiled runtimes."""
     from distill.latency import time_call
 
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(time_call(call, (), kwargs[name], warmup=1, repeats=repeats))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def first_call_s(call, kwargs: dict) -> float:
-    started = time.perf_counter()
-    with torch.inference_mode():
-        call(**kwargs)
-    return time.perf_counter() - started
+    return time_call(call, (), kwargs, warmup=0, repeats=1) / 1000
 
 
 def denoiser_section(
     name: str, run: Path, teacher_paths: dict, work_dir: Path, args, compare_calibration=False, decoder=False
 ):
-    from distill.latency import runner
+    from distill.latency import alternating_ms, runner
     from distill.measure import HeldOut, load_pipeline, sample_psnr, step_inputs, v_loss
     from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq, rebatched
     from distill.quant.ptq import QuantizedDenoiser, canonical_call, compiled, quantize_int8, with_denoiser
@@ -97,7 +85,7 @@ def denoiser_section(
 
     runtimes = {
         "fp32 eager": runner(unet, "eager"),
-        "fp32 compiled": compiled(unet),  # inductor with freezing, as int8 gets: the strongest fp32
+        "fp32 compiled": compiled(unet),  # frozen, C++ wrapper: as int8 gets, the strongest fp32
         "bf16": runner(unet, "bf16"),
         "int8 compiled": compiled(programs["spread"]),
         "ORT fp32": OnnxDenoiser(onnx_fp32),
@@ -121,12 +109,15 @@ def denoiser_section(
         "int8 compiled": with_denoiser(pipeline, QuantizedDenoiser(runtimes["int8 compiled"], unet)),
         "ORT int8": with_denoiser(pipeline, QuantizedDenoiser(runtimes["ORT int8"], unet)),
     }
-    scored_by = {"bf16": "bf16", "int8 compiled": "int8 (spread)", "ORT int8": "ORT int8"}
-    quality = {"fp32": {"v_loss": v_loss(pipeline, heldout)["v_loss"]}}
+    scorers, scored_as = {**timed, **simulated}, {"int8 compiled": "int8 (spread)"}  # the same program
+    v_losses = {"fp32": v_loss(pipeline, heldout)["v_loss"]}
+    quality = {"fp32": {"v_loss": v_losses["fp32"]}}
     for key, sampler in {**timed, **(simulated if compare_calibration else {})}.items():
-        scorer = {**timed, **simulated}[scored_by.get(key, key)]
+        scorer = scored_as.get(key, key)
+        if scorer not in v_losses:
+            v_losses[scorer] = v_loss(scorers[scorer], heldout)["v_loss"]
         quality[key] = {
-            "v_loss": v_loss(scorer, heldout)["v_loss"],
+            "v_loss": v_losses[scorer],
             # batch 1: every guided call is the timed step's batch of 2, so nothing recompiles
             "psnr": sample_psnr(sampler, pipeline, heldout, steps=args.psnr_steps, guidance_scale=GUIDANCE,
                                 num=args.psnr_num, batch_size=1),
@@ -156,14 +147,14 @@ def decoder_section(vae, latents: list[torch.Tensor], work_dir: Path, args) -> d
     """The VAE decoder on both runtimes at the calibration batch: ms for torch eager / compiled and
     ORT fp32 / int8 (QDQ calibrated on the trajectories' final latents), and the PSNR of the ORT
     int8 decoder's images against torch's on all of them."""
-    from distill.latency import runner
+    from distill.latency import alternating_ms, runner
     from distill.measure import psnr
-    from distill.quant.onnx_runtime import OnnxDenoiser, export_vae_decoder, quantize_qdq
+    from distill.quant.onnx_runtime import OnnxDenoiser, VaeDecoder, export_vae_decoder, quantize_qdq
     from distill.quant.ptq import compiled
 
     fp32 = export_vae_decoder(vae, latents[0], work_dir / "vae_decoder.onnx")
     int8 = quantize_qdq(fp32, [{"latents": z} for z in latents], work_dir / "vae_decoder_int8.onnx")
-    decode = _Decode(vae).eval()
+    decode = VaeDecoder(vae).eval()
     runtimes = {"fp32 eager": runner(decode, "eager"), "fp32 compiled": compiled(decode),
                 "ORT fp32": OnnxDenoiser(fp32), "ORT int8": OnnxDenoiser(int8)}  # fmt: skip
     kwargs = dict.fromkeys(runtimes, {"latents": latents[0]})
@@ -175,15 +166,6 @@ def decoder_section(vae, latents: list[torch.Tensor], work_dir: Path, args) -> d
     quality_db = psnr(((ours + 1) / 2).numpy(), ((reference + 1) / 2).numpy())
     return {"batch": latents[0].shape[0], "latents": len(latents), "ms": ms, "compile_s": compile_s,
             "int8_psnr_db": quality_db}  # fmt: skip
-
-
-class _Decode(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents)
 
 
 def print_section(section: dict) -> None:

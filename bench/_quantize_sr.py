@@ -47,9 +47,9 @@ class _Program(nn.Module):
 @torch.no_grad()
 def sr_section(folder: Path, teacher_paths: dict, work_dir: Path, args) -> dict:
     import PIL.Image
-    from _quantize_ptq import alternating_ms, first_call_s
+    from _quantize_ptq import first_call_s
 
-    from distill.latency import runner
+    from distill.latency import alternating_ms, runner
     from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq
     from distill.quant.ptq import compiled, quantize_exported
     from hyperhuman.sr.data import crop_to_multiple, downscale, photo_paths, to_tensor
@@ -69,7 +69,7 @@ def sr_section(folder: Path, teacher_paths: dict, work_dir: Path, args) -> dict:
     program = quantize_exported(exported, calibration)
 
     frame = {"low_resolution": torch.rand(TIMING_INPUT, generator=torch.Generator().manual_seed(0))}
-    onnx_fp32 = export_onnx(_Tensor(model), frame, work_dir / "sr.onnx")
+    onnx_fp32 = export_onnx(model, frame, work_dir / "sr.onnx")
     timing_calls = [
         {"low_resolution": torch.nn.functional.interpolate(call["low_resolution"], size=TIMING_INPUT[2:])}
         for call in calibration
@@ -99,22 +99,6 @@ def sr_section(folder: Path, teacher_paths: dict, work_dir: Path, args) -> dict:
         "quality": {"fp32": fp32_scores, "int8": int8_scores,
                     "int8_psnr_vs_fp32_db": sum(agreement) / len(agreement)},
     }  # fmt: skip
-
-
-class _Tensor(nn.Module):
-    """The SR network answering with ``.sample`` (what the ONNX export's wrapper reads)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, low_resolution):
-        return _Sample(self.model(low_resolution))
-
-
-class _Sample:
-    def __init__(self, sample):
-        self.sample = sample
 
 
 def print_section(section: dict) -> None:

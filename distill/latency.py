@@ -194,6 +194,17 @@ def time_call(fn: Callable, args: tuple, kwargs: dict, warmup: int = 3, repeats:
     return statistics.median(times)
 
 
+def alternating_ms(calls: dict[str, Callable], kwargs: dict[str, dict], rounds: int, repeats: int) -> dict[str, float]:
+    """Median over ``rounds`` of each callable's :func:`time_call` median (``repeats`` calls, one
+    warm-up), the callables timed in turn each round so drift on a shared machine hits all alike;
+    ``kwargs[name]``: the keyword inputs ``calls[name]`` takes."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(time_call(call, (), kwargs[name], warmup=1, repeats=repeats))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def measure_step(model: nn.Module, inputs: dict, runtime: str, warmup: int = 3, repeats: int = 10) -> float:
     """Median milliseconds of one whole ``model(**inputs)`` on ``runtime``."""
     return time_call(runner(model, runtime), (), inputs, warmup, repeats)

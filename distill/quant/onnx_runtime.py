@@ -37,21 +37,24 @@ class DenoiserOutput:
 
 
 class _SampleOnly(nn.Module):
-    """The denoiser returning its prediction tensor (ONNX outputs are tensors, not dataclasses)."""
+    """The model returning its prediction tensor (ONNX outputs are tensors, not dataclasses): a
+    denoiser's or decoder's ``.sample``, or the tensor a plain network (SR) returns."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, **inputs):
-        return self.model(**inputs).sample
+        output = self.model(**inputs)
+        return output if isinstance(output, torch.Tensor) else output.sample
 
 
 def export_onnx(model: nn.Module, call: dict, path: str | Path) -> Path:
-    """``model`` (a denoiser) exported to ``path`` at ``call``'s inputs; its parameters as external
-    data beside it when they pass 2 GB. The batch is the call's: with a dynamic batch, torch 2.14's
-    ONNX decompositions fail on our UNets (a NameError inside ``run_decompositions``), so
-    :class:`OnnxDenoiser` runs other batch sizes in chunks of this one."""
+    """``model`` (a denoiser, or any network returning ``.sample`` or a tensor) exported to ``path``
+    at ``call``'s inputs; its parameters as external data beside it when they pass 2 GB. The batch
+    is the call's: with a dynamic batch, torch 2.14's ONNX decompositions fail on our UNets (a
+    NameError inside ``run_decompositions``), so :class:`OnnxDenoiser` runs other batch sizes in
+    chunks of this one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -62,7 +65,7 @@ def export_onnx(model: nn.Module, call: dict, path: str | Path) -> Path:
     return path
 
 
-class _Decoder(nn.Module):
+class VaeDecoder(nn.Module):
     """A VAE's decoder as a model of one input: latents as ``vae.decode`` takes them → the image."""
 
     def __init__(self, vae: nn.Module):
@@ -76,7 +79,7 @@ class _Decoder(nn.Module):
 def export_vae_decoder(vae: nn.Module, latents: torch.Tensor, path: str | Path) -> Path:
     """The decoder of ``vae`` exported at the batch and size of ``latents`` (input ``latents``);
     :class:`OnnxDenoiser` runs it too (``OnnxDenoiser(path)(latents=z).sample``)."""
-    return export_onnx(_Decoder(vae), {"latents": latents}, path)
+    return export_onnx(VaeDecoder(vae), {"latents": latents}, path)
 
 
 def rebatched(calls: list[dict], rows: int) -> list[dict]:
