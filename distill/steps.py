@@ -2,16 +2,23 @@
 teacher samples in N, optionally with classifier-free guidance folded in.
 
 The teacher is an LSDM run or a diffusers ``StableDiffusionPipeline`` folder
-(:mod:`distill.step_models`). Each training step draws a sample from the shards (for the LSDM all
-branches' latents stacked, as it samples them: one timestep shared by the branches), a student
-step ``t → s`` of the K-step grid and noise; the frozen teacher takes ``N / K`` DDIM steps from
-``z_t`` to ``z_s``, and the student learns the v whose single DDIM step lands there
-(:func:`distill.ddim.distillation_target`).
+(:mod:`distill.step_models`). Each training sample is a latent ``z_t`` at a student step ``t → s``
+of the K-step grid (for the LSDM all branches' latents stacked, as it samples them: one timestep
+shared by the branches) and where the frozen teacher's ``N / K`` DDIM steps take it, ``z_s``; the
+student learns the v whose single DDIM step lands there (:func:`distill.ddim.distillation_target`).
 Two modes (``steps.mode``):
 
 - ``progressive`` (Salimans & Ho 2022): rounds that halve the steps, N → N/2 → … → K, each
   round's student starting from, and then teaching, the next;
 - ``direct`` (SnapFusion found it better): one round, N → K, ``N / K`` teacher steps per target.
+
+Where the student's training states come from (``steps.source``):
+
+- ``trajectories``: the round's teacher samples ``steps.trajectories`` paths from pure noise once,
+  and each training sample is two recorded points of one (:mod:`distill.trajectories`): the states
+  sampling visits, and no teacher call in the training loop;
+- ``data``: a shard latent noised to the student step, and the teacher run across it at every
+  training step.
 
 **Guidance folded in** (``guidance.fold``): the student gets the guidance scale as an input
 (:mod:`distill.guidance`) and learns the teacher's guided output — SnapFusion's CFG-aware loss,
@@ -21,9 +28,10 @@ the student is distilled on conditional and (``train.condition_dropout``) uncond
 and is guided at sampling time like the teacher.
 
 Output: ``OUTPUT/rounds/steps-K/`` per round (checkpoints, TensorBoard logs, validation grids —
-``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — its
-``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` = the last round's, which
-``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like any other: the student's
+``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — the teacher
+paths in ``trajectories/``, its ``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` =
+the last round's, which ``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like
+any other: the student's
 config records ``distilled_steps`` (the pipeline's and ``hyperhuman eval``'s default step count),
 the schedule is the teacher's. A Stable Diffusion teacher gives a ``StableDiffusionPipeline``
 (sample it with ``num_inference_steps=K``; with guidance folded in, diffusers' pipeline feeds the
@@ -40,8 +48,9 @@ from pathlib import Path
 
 import torch
 
-from distill.ddim import ddim_step, distillation_target, noised, student_grid, teacher_path
+from distill.ddim import distillation_target, noised, student_grid
 from distill.guidance import DEFAULT_DIM, add_guidance_input, guidance_dim, guided_v
+from distill.trajectories import TrajectoryBank, sample_paths, teacher_landing, trajectory_bank
 from hyperhuman.config import ConfigError, check_known_keys
 from hyperhuman.training import (
     DATA_KEYS,
@@ -59,12 +68,13 @@ from hyperhuman.training import (
 
 REFERENCE = "configs/distill/steps-tiny.yaml"
 MODES = ("progressive", "direct")
+SOURCES = ("trajectories", "data")
 KNOWN_KEYS = {
     "output": None,
     "seed": None,
     "teacher": None,
     "data": {**DATA_KEYS, "cache_latents": None},
-    "steps": dict.fromkeys(["mode", "teacher_steps", "student_steps"]),
+    "steps": dict.fromkeys(["mode", "teacher_steps", "student_steps", "source", "trajectories", "trajectory_batch"]),
     "guidance": dict.fromkeys(["fold", "dim", "scale_min", "scale_max", "cfg_prob"]),
     "train": {**TRAIN_KEYS, **dict.fromkeys(["condition_dropout"])},
     # the step counts come from steps: (teacher.png at the round teacher's, step-S.png at the student's)
@@ -82,6 +92,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
             raise ConfigError(f"distill config lacks {section!r} (e.g. --set {section}=...); see {REFERENCE}")
     check_known_keys(config, KNOWN_KEYS, REFERENCE)
     rounds(config["steps"])
+    check_source(config["steps"])
     guidance = config.get("guidance") or {}
     if not isinstance(guidance.get("fold", False), bool):
         raise ConfigError(f"guidance.fold must be true or false, got {guidance.get('fold')!r}")
@@ -101,6 +112,16 @@ def check_config(config: dict, check_paths: bool = True) -> None:
 
         check_teacher_run(config["teacher"])
         check_data(config["data"])
+
+
+def check_source(steps: dict) -> None:
+    source = steps.get("source", "data")
+    if source not in SOURCES:
+        raise ConfigError(f"steps.source must be one of {SOURCES}, got {source!r}")
+    for key in ("trajectories", "trajectory_batch"):
+        value = steps.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"steps.{key} must be a positive integer (teacher paths), got {value!r}")
 
 
 def rounds(steps: dict) -> list[tuple[int, int]]:
@@ -177,12 +198,8 @@ def distillation_pair(
     start, end = starts[index].to(clean.device), ends[index].to(clean.device)
     noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
     latents = noised(scheduler, clean, noise, start)
-    with torch.no_grad():
-        landed, path = latents, teacher_path(start, end, substeps)
-        for here, there in zip(path[:-1], path[1:], strict=True):
-            v = guided_v(teacher, landed, here, conditions, unconditional, scales)
-            landed = ddim_step(scheduler, landed, v.to(latents.dtype), here, there)
-        target = distillation_target(scheduler, latents, start, landed, end)
+    landed = teacher_landing(teacher, scheduler, latents, start, end, substeps, conditions, unconditional, scales)
+    target = distillation_target(scheduler, latents, start, landed, end)
     return guided_v(student, latents, start, conditions, unconditional, scales), target
 
 
@@ -247,6 +264,9 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
     # the unconditional prediction it will be guided with.
     text_dropout = 0.0 if fold else train.get("condition_dropout", 0.15)
     cache = LatentCache(bool(data.get("cache_latents")))
+    bank = None
+    if config["steps"].get("source", "data") == "trajectories":
+        bank = round_bank(accelerator, family, config, output, teacher_steps, student_steps, text_dropout)
 
     validation = config.get("validation", {})
     validation_batch = None
@@ -263,15 +283,21 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
     losses, started = [], time.perf_counter()
     model.train()
     while global_step < train["max_train_steps"]:
-        batch = next(batches)
         generator = step_generator(seed, micro_step, accelerator.process_index)
         micro_step += 1
         with accelerator.accumulate(model):
-            clean, conditions, unconditional = family.inputs(batch, cache, text_dropout, generator)
-            scales = guidance_scales(clean.shape[0], guidance, generator)
-            prediction, target = distillation_pair(
-                model, teacher, scheduler, clean, conditions, unconditional, student_steps, substeps, scales, generator
-            )
+            if bank is None:  # the teacher from noised shard latents, every step
+                clean, conditions, unconditional = family.inputs(next(batches), cache, text_dropout, generator)
+                scales = guidance_scales(clean.shape[0], guidance, generator)
+                prediction, target = distillation_pair(
+                    model, teacher, scheduler, clean, conditions, unconditional, student_steps, substeps, scales,
+                    generator,
+                )  # fmt: skip
+            else:  # two recorded points of a teacher path
+                latents, start, conditions, scales, target = bank.draw(
+                    scheduler, train["batch_size"], generator, accelerator.device
+                )
+                prediction = guided_v(model, latents, start, conditions, {}, scales)
             loss = family.loss(prediction, target)
             optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
         if not accelerator.sync_gradients:
@@ -305,6 +331,31 @@ def train_round(config: dict, teacher_run: Path, output: Path, teacher_steps: in
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
+
+
+def round_bank(accelerator, family, config: dict, output: Path, teacher_steps: int, student_steps: int,
+               text_dropout: float) -> TrajectoryBank:  # fmt: skip
+    """The round teacher's paths (:mod:`distill.trajectories`), from this process's own data stream."""
+    from hyperhuman.lsdm.data import Batches
+
+    steps, guidance, seed = config["steps"], config.get("guidance") or {}, config.get("seed", 0)
+    batches = Batches(config["data"], steps.get("trajectory_batch", 8), seed + 1)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 7) * 1009 + accelerator.process_index)
+
+    def draw_scales(size: int, generator: torch.Generator) -> torch.Tensor:
+        return guidance_scales(size, guidance, generator)
+
+    def sample(count: int) -> TrajectoryBank:
+        return sample_paths(family, family.pipeline.scheduler, batches, count, student_steps,
+                            teacher_steps // student_steps, draw_scales, text_dropout, generator)  # fmt: skip
+
+    def log(text: str) -> None:
+        accelerator.print(f"[distill steps] {teacher_steps} → {student_steps} steps: {text}")
+
+    started = time.perf_counter()
+    bank = trajectory_bank(accelerator, output / "trajectories", steps.get("trajectories", 256), sample, log)
+    log(f"{len(bank)} teacher paths ready ({time.perf_counter() - started:.0f} s)")
+    return bank
 
 
 def trained_copy(accelerator, model, ema):

@@ -1,6 +1,7 @@
 """`hyperhuman distill steps` at toy size: the rounds of each mode, the distillation pair for the
-LSDM and a plain UNet, e2e training with checkpoints and exact resume, progressive rounds with
-guidance folded in, the saved pipeline sampling at its own step count, config errors."""
+LSDM and a plain UNet, the teacher-path bank, e2e training with checkpoints and exact resume (from
+noised data and from teacher paths), progressive rounds with guidance folded in, the saved pipeline
+sampling at its own step count, config errors."""
 
 import json
 import shutil
@@ -9,21 +10,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill.ddim import ddim_step, student_grid
 from distill.guidance import add_guidance_input, guidance_dim
+from distill.step_models import load_teacher
 from distill.steps import check_config, distill_steps, distillation_pair, guidance_scales, make_student, rounds
+from distill.trajectories import TrajectoryBank, sample_paths, teacher_landing
 from hyperhuman.config import ConfigError
 from hyperhuman.eval.evaluate import run_eval
+from hyperhuman.lsdm.data import Batches
 from hyperhuman.lsdm.pipeline import HyperHumanPipeline, make_scheduler
 from hyperhuman.lsdm.testing import tiny_unet
 from tests.distill.conftest import teacher_lsdm
 
 
-def config_for(output, teacher_run, shards, mode="direct", teacher_steps=4, student_steps=2, fold=False, **train):
+def config_for(
+    output, teacher_run, shards, mode="direct", teacher_steps=4, student_steps=2, fold=False, source="data", **train
+):
+    steps = {"mode": mode, "teacher_steps": teacher_steps, "student_steps": student_steps, "source": source}
     return {
         "output": str(output),
         "seed": 0,
         "teacher": str(teacher_run),
-        "steps": {"mode": mode, "teacher_steps": teacher_steps, "student_steps": student_steps},
+        "steps": {**steps, "trajectories": 6, "trajectory_batch": 2},
         "guidance": {"fold": fold, "dim": 16, "scale_min": 2.0, "scale_max": 6.0, "cfg_prob": 0.5},
         "data": {"train": str(shards), "resolution": 16, "shuffle_buffer": 4, "num_workers": 0},
         "train": {
@@ -91,14 +99,47 @@ def test_a_student_records_its_steps_and_starts_as_its_teacher():
     assert all(torch.equal(again.state_dict()[k], v) for k, v in student.state_dict().items())
 
 
+def test_a_teacher_path_bank_starts_at_pure_noise_and_its_targets_land_on_the_next_point(teacher_run, distill_shards):
+    family = load_teacher(teacher_run)
+    scheduler, guidance = family.pipeline.scheduler, {"fold": True, "scale_min": 2.0, "scale_max": 6.0, "cfg_prob": 1}
+    data = {"train": str(distill_shards), "resolution": 16, "num_workers": 0}
+    bank = sample_paths(family, scheduler, Batches(data, 2, 0), 3, 2, 2, lambda n, g: guidance_scales(n, guidance, g),
+                        0.0, torch.Generator().manual_seed(0))  # fmt: skip
+    assert bank.latents.shape == (3, 3, 12, 8, 8) and len(bank) == 3 and bank.student_steps == 2
+    assert bank.scales.min() >= 2 and set(bank.conditions) >= {"encoder_hidden_states", "pose_latent"}
+    assert 0.5 < bank.latents[:, 0].std() < 1.5  # sampling's start: pure noise (α_T = 0)
+
+    # each recorded point is where the teacher's two guided DDIM steps from the one before land
+    starts, ends = student_grid(scheduler, 2)
+    empty_states, empty_mask = family.empty
+    unconditional = {
+        "encoder_hidden_states": empty_states.expand(3, -1, -1),
+        "encoder_attention_mask": empty_mask.expand(3, -1),
+        "pose_latent": bank.conditions["pose_latent"],
+    }
+    for k in range(2):
+        landed = teacher_landing(family.unet, scheduler, bank.latents[:, k], starts[k].expand(3), ends[k].expand(3),
+                                 2, bank.conditions, unconditional, bank.scales)  # fmt: skip
+        torch.testing.assert_close(landed, bank.latents[:, k + 1], rtol=1e-4, atol=1e-5)
+
+    # a student predicting the drawn target v lands on its path's next point in one DDIM step
+    latents, start, conditions, scales, target = bank.draw(scheduler, 8, torch.Generator().manual_seed(1), "cpu")
+    assert latents.shape == (8, 12, 8, 8) and conditions["pose_latent"].shape[0] == 8 and scales.shape == (8,)
+    k = torch.tensor([starts.tolist().index(t) for t in start.tolist()])
+    stepped = ddim_step(scheduler, latents, target, start, ends[k])
+    for row, step in zip(stepped, k, strict=True):
+        assert min((row - point).abs().max() for point in bank.latents[:, step + 1]) < 1e-4
+
+
 def weights(folder):
     return load_file(folder / "model.safetensors")
 
 
 @pytest.mark.slow
-def test_direct_distillation_trains_checkpoints_and_resumes_exactly(teacher_run, distill_shards, tmp_path):
+@pytest.mark.parametrize("source", ["data", "trajectories"])
+def test_direct_distillation_trains_checkpoints_and_resumes_exactly(teacher_run, distill_shards, tmp_path, source):
     output = tmp_path / "run"
-    report = distill_steps(config_for(output, teacher_run, distill_shards))
+    report = distill_steps(config_for(output, teacher_run, distill_shards, source=source))
     run = output / "rounds" / "steps-2"
     assert [r["steps"] for r in report["rounds"]] == [6] and report["student_steps"] == 2
     assert not report["guidance_folded"]
@@ -110,7 +151,15 @@ def test_direct_distillation_trains_checkpoints_and_resumes_exactly(teacher_run,
     checkpoints = resumed / "rounds" / "steps-2" / "checkpoints"
     checkpoints.mkdir(parents=True)
     shutil.copytree(run / "checkpoints" / "checkpoint-4", checkpoints / "checkpoint-4")
-    again = distill_steps(config_for(resumed, teacher_run, distill_shards), resume="latest")
+    bank = run / "trajectories" / "part-0-of-1.pt"
+    assert bank.is_file() == (source == "trajectories")
+    if source == "trajectories":  # the interrupted round's paths are reused, not sampled again
+        assert len(TrajectoryBank.load(bank)) == 6
+        shutil.copytree(run / "trajectories", resumed / "rounds" / "steps-2" / "trajectories")
+        kept = (resumed / "rounds" / "steps-2" / "trajectories" / bank.name).stat().st_mtime_ns
+    again = distill_steps(config_for(resumed, teacher_run, distill_shards, source=source), resume="latest")
+    if source == "trajectories":
+        assert (resumed / "rounds" / "steps-2" / "trajectories" / bank.name).stat().st_mtime_ns == kept
     first = json.loads((run / "train_report.json").read_text())["losses"]
     assert json.loads((resumed / "rounds" / "steps-2" / "train_report.json").read_text())["losses"] == first[4:]
     assert again["rounds"][0]["last_loss"] == report["rounds"][0]["last_loss"]
