@@ -1,17 +1,22 @@
 """Step distillation and the distilled VAE decoder, side by side in one run on this CPU.
 
-    .venv/bin/python bench/step_distill.py [--round-steps 150] [--direct-steps 250] [--decoder-steps 400]
+    .venv/bin/python bench/step_distill.py [--round-steps 150] [--direct-steps 250] [--trajectories 256]
+                                           [--decoder-steps 400] [--data-steps 0]
 
 1. The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
    ``../shared/data/humans``, cached; shared with ``bench/mobile_unet.py``).
 2. The reference: the teacher at 50 DDIM steps with classifier-free guidance (w = ``--guidance``)
    on the held-out photos' captions and poses, from fixed seeded initial noise.
-3. Students, all from the teacher at 32 steps (``hyperhuman distill steps``):
+3. Students, all from the teacher at 32 steps (``hyperhuman distill steps``), trained on the round
+   teacher's own sampling paths (``steps.source=trajectories``: ``--trajectories`` paths from pure
+   noise per round, on random crops and flips of the training photos' conditions):
    ``progressive`` (32 → 16 → 8 → 4 → 2, guided at sampling like the teacher: two evaluations a
    step), ``progressive-cfg`` (the same rounds with guidance folded in: SnapFusion's CFG-aware
    loss, w ~ U[2, 8] for half the samples; one evaluation a step) and ``direct-cfg`` (32 → 4 in
    one round, guidance folded in). ``--round-steps`` training steps per progressive round,
-   ``--direct-steps`` for the direct round (its targets cost four times a progressive round's).
+   ``--direct-steps`` for the direct round. With ``--data-steps N``, also ``direct-cfg-data``: the
+   same round from noised shard latents with the teacher run at every training step (the earlier
+   source), N steps.
 4. For the teacher at K ∈ {16, 8, 4, 2} (with CFG) and every student at its K: PSNR of RGB, depth
    and normal against the reference, UNet evaluations per image, wall time per image (UNet and
    decoder, batch 1, median of ``--repeats``).
@@ -48,10 +53,11 @@ import _teacher  # noqa: E402
 TEACHER_STEPS = 32
 STEP_COUNTS = (16, 8, 4, 2)
 REFERENCE_STEPS = 50
-VARIANTS = {  # name → (steps.mode, student steps, guidance folded)
-    "progressive": ("progressive", 2, False),
-    "progressive-cfg": ("progressive", 2, True),
-    "direct-cfg": ("direct", 4, True),
+VARIANTS = {  # name → (steps.mode, student steps, guidance folded, steps.source)
+    "progressive": ("progressive", 2, False, "trajectories"),
+    "progressive-cfg": ("progressive", 2, True, "trajectories"),
+    "direct-cfg": ("direct", 4, True, "trajectories"),
+    "direct-cfg-data": ("direct", 4, True, "data"),  # the earlier source; only with --data-steps
 }
 WIDTHS = (0.5, 0.25)
 
@@ -60,6 +66,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--round-steps", type=int, default=150, help="training steps per progressive round")
     parser.add_argument("--direct-steps", type=int, default=250, help="training steps of the direct round")
+    parser.add_argument("--trajectories", type=int, default=256, help="teacher paths sampled per round")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=4, help="training batch of every round")
+    parser.add_argument(
+        "--data-steps",
+        type=int,
+        default=0,
+        help="also distil direct-cfg from noised shard latents (the teacher run every step) "
+        "for this many steps; 0: skipped (each step runs 8 guided teacher steps on its batch)",
+    )
     parser.add_argument("--decoder-steps", type=int, default=400)
     parser.add_argument("--guidance", type=float, default=4.0, help="the reference's and the evaluations' w")
     parser.add_argument("--heldout-num", type=int, default=9)
@@ -84,12 +100,14 @@ def main() -> None:
     if not args.reuse_runs:
         shutil.rmtree(runs, ignore_errors=True)
 
-    for name, (mode, student_steps, fold) in VARIANTS.items():
+    for name in variants(args):
+        mode, student_steps, fold, source = VARIANTS[name]
         stage = time.perf_counter()
-        steps = args.direct_steps if mode == "direct" else args.round_steps
+        steps = {"direct": args.direct_steps, "progressive": args.round_steps}[mode]
+        steps = args.data_steps if source == "data" else steps
         print(f"step_distill: {name} ({TEACHER_STEPS} → {student_steps} steps, {steps} training steps a round) ...")
         if not (runs / name / "train_report.json").is_file():
-            distill_steps(steps_config(runs / name, teacher, mode, student_steps, fold, steps, args.guidance))
+            distill_steps(steps_config(runs / name, teacher, VARIANTS[name], steps, args))
         times[f"{name}_s"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -105,7 +123,8 @@ def main() -> None:
     # Per image as deployed: the CFG-aware 4-step student closest to the reference, with the
     # half-width decoder in place of the teacher's.
     by = {(row["method"], row["steps"]): row for row in rows}
-    best = max((by[(name, 4)] for name in ("progressive-cfg", "direct-cfg")), key=lambda row: row["psnr"]["rgb"])
+    folded = [by[(name, 4)] for name in variants(args) if VARIANTS[name][2]]
+    best = max(folded, key=lambda row: row["psnr"]["rgb"])
     student = load_pipeline(runs / best["method"] / "rounds" / "steps-4")
     fast_vae = load_vae(runs / "decoder-0.5" / "vae").eval()
     deployed = {"method": best["method"], "image_s": image_seconds(student, heldout, 4, args, vae=fast_vae)}
@@ -113,16 +132,25 @@ def main() -> None:
     report(rows, decoders, deployed, teacher, times, args)
 
 
-def steps_config(output: Path, teacher: dict, mode: str, student_steps: int, fold: bool, steps: int, w: float):
+def variants(args) -> list[str]:
+    return [name for name, variant in VARIANTS.items() if variant[3] != "data" or args.data_steps > 0]
+
+
+def steps_config(output: Path, teacher: dict, variant: tuple, steps: int, args):
     from hyperhuman.config import apply_overrides, load_config
 
+    mode, student_steps, fold, source = variant
+    # The paths' conditions: random crops and flips of the training photos, as the teacher trained on
+    # (more poses than the 24 photos' own); noised data is cached at fixed crops, as before.
+    crops = ["data.random_crop=true", "data.min_crop_scale=0.7", "data.flip_prob=0.5", "data.cache_latents=false"]
     config = apply_overrides(load_config("distill/steps-tiny"), [
-        f"data.resolution={_teacher.RESOLUTION}", "data.num_workers=0", "train.batch_size=4",
+        f"data.resolution={_teacher.RESOLUTION}", "data.num_workers=0", f"train.batch_size={args.batch_size}",
         f"train.max_train_steps={steps}", f"train.checkpointing_steps={steps}", "train.log_every=50",
-        "train.learning_rate=1e-4", "validation.every=0",
+        f"train.learning_rate={args.learning_rate}", "validation.every=0",
         f"steps.mode={mode}", f"steps.teacher_steps={TEACHER_STEPS}", f"steps.student_steps={student_steps}",
+        f"steps.source={source}", f"steps.trajectories={args.trajectories}", "steps.trajectory_batch=16",
         f"guidance.fold={str(fold).lower()}", "guidance.scale_min=2.0", "guidance.scale_max=8.0",
-        f"validation.guidance_scale={w}",
+        f"validation.guidance_scale={args.guidance}", *(crops if source == "trajectories" else []),
     ])  # fmt: skip
     config.update(output=str(output), teacher=str(teacher["lsdm"]))
     config["data"]["train"] = str(teacher["train_shards"])
@@ -155,7 +183,8 @@ def step_rows(reference, runs: Path, heldout, noise: dict, args) -> tuple[list[d
     for steps in STEP_COUNTS:
         print(f"step_distill: teacher at {steps} steps ...")
         rows.append(row("teacher", reference, steps))
-    for name, (mode, final, _) in VARIANTS.items():
+    for name in variants(args):
+        mode, final = VARIANTS[name][:2]
         counts = [s for s in STEP_COUNTS if s >= final] if mode == "progressive" else [final]
         for steps in counts:
             print(f"step_distill: {name} at {steps} steps ...")
@@ -239,8 +268,9 @@ def _count(module) -> int:
 # --- the report ------------------------------------------------------------------------------------
 def report(rows: list[dict], decoders: list[dict], deployed: dict, teacher: dict, times: dict, args) -> None:
     print(f"\nteacher: {teacher['root']}; reference: teacher at {REFERENCE_STEPS} steps, CFG w = {args.guidance}; "
-          f"students from the teacher at {TEACHER_STEPS} steps, {args.round_steps} training steps per progressive "
-          f"round, {args.direct_steps} for direct")  # fmt: skip
+          f"students from the teacher at {TEACHER_STEPS} steps on {args.trajectories} teacher paths per round, "
+          f"{args.round_steps} training steps per progressive round, {args.direct_steps} for direct "
+          f"(batch {args.batch_size}, lr {args.learning_rate})")  # fmt: skip
     print(f"{'method':16} {'steps':>5} {'UNet evals':>10} {'PSNR rgb':>8} {'depth':>6} {'normal':>6} {'s/image':>8}")
     for row in rows:
         psnr = row["psnr"] or {}

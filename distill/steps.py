@@ -28,15 +28,14 @@ the student is distilled on conditional and (``train.condition_dropout``) uncond
 and is guided at sampling time like the teacher.
 
 Output: ``OUTPUT/rounds/steps-K/`` per round (checkpoints, TensorBoard logs, validation grids —
-``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — the teacher
-paths in ``trajectories/``, its ``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` =
-the last round's, which ``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like
-any other: the student's
-config records ``distilled_steps`` (the pipeline's and ``hyperhuman eval``'s default step count),
-the schedule is the teacher's. A Stable Diffusion teacher gives a ``StableDiffusionPipeline``
-(sample it with ``num_inference_steps=K``; with guidance folded in, diffusers' pipeline feeds the
-scale through ``timestep_cond`` and skips the unconditional pass itself). ``--resume latest``
-skips the finished rounds and continues the current one exactly.
+``teacher.png`` at the round teacher's steps, ``step-S.png`` of the student at K — the teacher paths
+in ``trajectories/``, its ``pipeline/`` and ``train_report.json``), ``OUTPUT/pipeline/`` = the last
+round's, which ``HyperHumanPipeline.from_pretrained`` and ``hyperhuman eval`` load like any other:
+the student's config records ``distilled_steps`` (the pipeline's and ``hyperhuman eval``'s default
+step count), the schedule is the teacher's. A Stable Diffusion teacher gives a
+``StableDiffusionPipeline`` (sample it with ``num_inference_steps=K``; with guidance folded in,
+diffusers' pipeline feeds the scale through ``timestep_cond`` and skips the unconditional pass
+itself). ``--resume latest`` skips the finished rounds and continues the current one exactly.
 """
 
 from __future__ import annotations
@@ -64,6 +63,7 @@ from hyperhuman.training import (
     restore,
     save_checkpoint,
     step_generator,
+    trained_copy,
 )
 
 REFERENCE = "configs/distill/steps-tiny.yaml"
@@ -356,13 +356,3 @@ def round_bank(accelerator, family, config: dict, output: Path, teacher_steps: i
     bank = trajectory_bank(accelerator, output / "trajectories", steps.get("trajectories", 256), sample, log)
     log(f"{len(bank)} teacher paths ready ({time.perf_counter() - started:.0f} s)")
     return bank
-
-
-def trained_copy(accelerator, model, ema):
-    """A copy of the trained UNet in eval mode: the EMA weights when EMA is on."""
-    unwrapped = accelerator.unwrap_model(model)
-    unet = type(unwrapped).from_config(unwrapped.config)
-    unet.load_state_dict(unwrapped.state_dict())
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    return unet.to(unwrapped.device, unwrapped.dtype).eval()

@@ -13,7 +13,9 @@ the path :func:`distill.steps.distillation_pair` takes), on shard conditions wit
 drawn as the CFG-aware mix, and keeps the latents at the student's grid points. A training sample
 is then a (path, student step) pair and its target is the v between two recorded points
 (:func:`distill.ddim.distillation_target`): no teacher call while training, and the states are the
-ones sampling visits (the first exactly: the same pure noise).
+ones sampling visits (the first exactly: the same pure noise). A student without guidance folded in
+learns unguided paths (w = 1), conditional and, for a share of them, with the text dropped, the two
+predictions classifier-free guidance combines at sampling time.
 
 Each process samples ``ceil(count / processes)`` paths from its own data stream and writes them
 to the round's ``trajectories/``; every process then trains on all of them. A resumed round
