@@ -1,7 +1,7 @@
 """Step distillation and the distilled VAE decoder, side by side in one run on this CPU.
 
-    .venv/bin/python bench/step_distill.py [--round-steps 150] [--direct-steps 250] [--trajectories 256]
-                                           [--decoder-steps 400] [--data-steps 0]
+    .venv/bin/python bench/step_distill.py [--round-steps 100] [--direct-steps 600] [--trajectories 128]
+                                           [--decoder-steps 300] [--data-steps 0]
 
 1. The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
    ``../shared/data/humans``, cached; shared with ``bench/mobile_unet.py``).
@@ -64,11 +64,11 @@ WIDTHS = (0.5, 0.25)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--round-steps", type=int, default=150, help="training steps per progressive round")
-    parser.add_argument("--direct-steps", type=int, default=250, help="training steps of the direct round")
-    parser.add_argument("--trajectories", type=int, default=256, help="teacher paths sampled per round")
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=4, help="training batch of every round")
+    parser.add_argument("--round-steps", type=int, default=100, help="training steps per progressive round")
+    parser.add_argument("--direct-steps", type=int, default=600, help="training steps of the direct round")
+    parser.add_argument("--trajectories", type=int, default=128, help="teacher paths sampled per round")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch of every round")
     parser.add_argument(
         "--data-steps",
         type=int,
@@ -76,7 +76,7 @@ def main() -> None:
         help="also distil direct-cfg from noised shard latents (the teacher run every step) "
         "for this many steps; 0: skipped (each step runs 8 guided teacher steps on its batch)",
     )
-    parser.add_argument("--decoder-steps", type=int, default=400)
+    parser.add_argument("--decoder-steps", type=int, default=300)
     parser.add_argument("--guidance", type=float, default=4.0, help="the reference's and the evaluations' w")
     parser.add_argument("--heldout-num", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=3, help="timed images per model (median)")
