@@ -6,8 +6,8 @@ ONNX Runtime.
   Models over 2 GB go to external data (ONNX's protobuf limit).
 - :func:`quantize_qdq`: ONNX Runtime static quantization in QDQ form (``QuantizeLinear`` /
   ``DequantizeLinear`` around each op; ORT's CPU kernels fuse them into int8 ones): u8 activations,
-  s8 weights per channel, ``reduce_range`` off (this CPU has VNNI), calibrated on the same
-  trajectory inputs as the PT2E path. Only the weighted ops (Conv, Gemm, MatMul by a weight) are
+  s8 weights per channel (7-bit, ``reduce_range``, on a CPU without VNNI: :func:`has_vnni`),
+  calibrated on the same trajectory inputs as the PT2E path. Only the weighted ops (Conv, Gemm, MatMul by a weight) are
   quantized: attention's activation × activation products and its softmax stay fp32 (Q-Diffusion),
   and ORT cannot yet share a quantization parameter into a weight (its error on our graphs when
   every op type is quantized). Dynamic quantization is not offered: it turns convolutions
@@ -120,10 +120,21 @@ def quantize_qdq(fp32_path: str | Path, calls: list[dict], path: str | Path, per
     path = Path(path)
     quantize_static(
         str(fp32_path), str(path), _Reader(calls, names), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        reduce_range=not has_vnni(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=weighted_nodes(fp32_path),
     )  # fmt: skip
     return path
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU multiplies u8 by s8 in 32-bit sums (VNNI or AMX). Without it ORT's AVX2
+    kernels add pairs of products in 16 bits, which saturate at full 8-bit range: there the weights
+    are quantized to 7 bits (``reduce_range``), as ORT advises for non-VNNI machines."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
