@@ -25,7 +25,7 @@ reloads the files instead of sampling again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class TrajectoryBank:
     latents: torch.Tensor
     scales: torch.Tensor
     conditions: dict[str, torch.Tensor]
+    _grid: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -65,7 +66,9 @@ class TrajectoryBank:
         """``(latents, timesteps, conditions, scales, target v)`` of ``batch_size`` random
         (path, student step) pairs: the student's input at ``timesteps`` and the v whose one DDIM
         step lands on the path's next grid point."""
-        starts, ends = student_grid(scheduler, self.student_steps)
+        if self._grid is None:  # set_timesteps once, not on every training step
+            self._grid = student_grid(scheduler, self.student_steps)
+        starts, ends = self._grid
         paths = torch.randint(len(self), (batch_size,), generator=generator)
         steps = torch.randint(self.student_steps, (batch_size,), generator=generator)
         latents = self.latents[paths, steps].to(device)
