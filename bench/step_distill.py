@@ -1,7 +1,7 @@
 """Step distillation and the distilled VAE decoder, side by side in one run on this CPU.
 
     .venv/bin/python bench/step_distill.py [--round-steps 100] [--direct-steps 600] [--trajectories 128]
-                                           [--decoder-steps 300] [--data-steps 0]
+                                           [--decoder-steps 300] [--variants progressive direct-cfg]
 
 1. The bench teacher (``bench/_teacher.py``: an SD-layout LSDM trained on the real photos of
    ``../shared/data/humans``, cached; shared with ``bench/mobile_unet.py``).
@@ -11,15 +11,18 @@
    teacher's own sampling paths (``steps.source=trajectories``: ``--trajectories`` paths from pure
    noise per round, on random crops and flips of the training photos' conditions):
    ``progressive`` (32 → 16 → 8 → 4 → 2, guided at sampling like the teacher: two evaluations a
-   step), ``progressive-cfg`` (the same rounds with guidance folded in: SnapFusion's CFG-aware
-   loss, w ~ U[2, 8] for half the samples; one evaluation a step) and ``direct-cfg`` (32 → 4 in
-   one round, guidance folded in). ``--round-steps`` training steps per progressive round,
-   ``--direct-steps`` for the direct round. With ``--data-steps N``, also ``direct-cfg-data``: the
-   same round from noised shard latents with the teacher run at every training step (the earlier
-   source), N steps.
+   step) and ``direct-cfg`` (32 → 4 in one round, guidance folded in: SnapFusion's CFG-aware loss,
+   w ~ U[2, 8] for half the samples; one evaluation a step). ``--round-steps`` training steps per
+   progressive round, ``--direct-steps`` for the direct round. ``--variants`` adds others:
+   ``progressive-cfg`` (the progressive rounds with guidance folded in; off by default, as at 100
+   steps a round its w input stays unlearned) and ``direct-cfg-data`` (the direct round from noised
+   shard latents with the teacher run at every training step, the earlier source; ``--data-steps``
+   steps, 6.5 s each).
 4. For the teacher at K ∈ {16, 8, 4, 2} (with CFG) and every student at its K: PSNR of RGB, depth
    and normal against the reference, UNet evaluations per image, wall time per image (UNet and
-   decoder, batch 1, median of ``--repeats``).
+   decoder, batch 1, median of ``--repeats``). The per-image speed-up of the goal is timed apart:
+   the teacher at 50 steps with CFG and the deployed student (4 steps, the 0.5-width decoder)
+   in ``--timing-rounds`` alternating rounds, so that the machine's drift hits both alike.
 5. The decoder (``hyperhuman distill vae-decoder``): students at width 0.5 and 0.25 trained on the
    teacher decoder's outputs for shard latents and the teacher's samples; decode time (batch 8,
    eager and compiled; speed-ups quoted on compiled) and PSNR against the teacher decoder on the
@@ -28,8 +31,8 @@
 Prints the tables; writes ``bench/results/step_distill.json`` whose ``summary`` holds
 ``student_cfg_4_psnr`` and ``teacher_16_psnr`` (RGB PSNR vs the reference, dB),
 ``per_image_speedup`` (teacher 50 steps with CFG and its decoder / the CFG-aware 4-step student
-with the 0.5-width decoder), ``decoder_half_speedup`` and ``decoder_half_psnr``. Skips (exit 0)
-without ``../shared``.
+with the 0.5-width decoder, timed in alternation), ``decoder_half_speedup`` and
+``decoder_half_psnr``. Skips (exit 0) without ``../shared``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +52,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import _teacher  # noqa: E402
 
+from distill.latency import alternating_ms, time_call  # noqa: E402
+
 TEACHER_STEPS = 32
 STEP_COUNTS = (16, 8, 4, 2)
 REFERENCE_STEPS = 50
@@ -57,8 +61,9 @@ VARIANTS = {  # name → (steps.mode, student steps, guidance folded, steps.sour
     "progressive": ("progressive", 2, False, "trajectories"),
     "progressive-cfg": ("progressive", 2, True, "trajectories"),
     "direct-cfg": ("direct", 4, True, "trajectories"),
-    "direct-cfg-data": ("direct", 4, True, "data"),  # the earlier source; only with --data-steps
+    "direct-cfg-data": ("direct", 4, True, "data"),  # the earlier source: the teacher run every step
 }
+DEFAULT_VARIANTS = ("progressive", "direct-cfg")
 WIDTHS = (0.5, 0.25)
 
 
@@ -69,20 +74,23 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=128, help="teacher paths sampled per round")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8, help="training batch of every round")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
     parser.add_argument(
         "--data-steps",
         type=int,
-        default=0,
-        help="also distil direct-cfg from noised shard latents (the teacher run every step) "
-        "for this many steps; 0: skipped (each step runs 8 guided teacher steps on its batch)",
+        default=100,
+        help="training steps of direct-cfg-data (each runs 8 guided teacher steps on its batch)",
     )
     parser.add_argument("--decoder-steps", type=int, default=300)
     parser.add_argument("--guidance", type=float, default=4.0, help="the reference's and the evaluations' w")
     parser.add_argument("--heldout-num", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=3, help="timed images per model (median)")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="alternating rounds of the per-image speed-up")
     parser.add_argument("--reuse-runs", action="store_true", help="keep the finished runs of an earlier run")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "step_distill.json"))
     args = parser.parse_args()
+    if not any(VARIANTS[name][2] for name in args.variants):
+        parser.error("--variants: name at least one with guidance folded in (direct-cfg, progressive-cfg)")
     if not (_teacher.PHOTOS / "keypoints_coco.json").is_file():
         print(f"step_distill: skipped, no photo set at {_teacher.PHOTOS} (../shared beside the repository)")
         return
@@ -100,7 +108,7 @@ def main() -> None:
     if not args.reuse_runs:
         shutil.rmtree(runs, ignore_errors=True)
 
-    for name in variants(args):
+    for name in args.variants:
         mode, student_steps, fold, source = VARIANTS[name]
         stage = time.perf_counter()
         steps = {"direct": args.direct_steps, "progressive": args.round_steps}[mode]
@@ -123,17 +131,15 @@ def main() -> None:
     # Per image as deployed: the CFG-aware 4-step student closest to the reference, with the
     # half-width decoder in place of the teacher's.
     by = {(row["method"], row["steps"]): row for row in rows}
-    folded = [by[(name, 4)] for name in variants(args) if VARIANTS[name][2]]
+    folded = [by[(name, 4)] for name in args.variants if VARIANTS[name][2]]
     best = max(folded, key=lambda row: row["psnr"]["rgb"])
-    student = load_pipeline(runs / best["method"] / "rounds" / "steps-4")
-    fast_vae = load_vae(runs / "decoder-0.5" / "vae").eval()
-    deployed = {"method": best["method"], "image_s": image_seconds(student, heldout, 4, args, vae=fast_vae)}
+    student = with_vae(load_pipeline(runs / best["method"] / "rounds" / "steps-4"),
+                       load_vae(runs / "decoder-0.5" / "vae").eval())  # fmt: skip
+    stage = time.perf_counter()
+    deployed = {"method": best["method"], **per_image_seconds(reference, student, heldout, args)}
+    times["per_image_timing_s"] = time.perf_counter() - stage
     times["total_s"] = time.perf_counter() - started
     report(rows, decoders, deployed, teacher, times, args)
-
-
-def variants(args) -> list[str]:
-    return [name for name, variant in VARIANTS.items() if variant[3] != "data" or args.data_steps > 0]
 
 
 def steps_config(output: Path, teacher: dict, variant: tuple, steps: int, args):
@@ -183,7 +189,7 @@ def step_rows(reference, runs: Path, heldout, noise: dict, args) -> tuple[list[d
     for steps in STEP_COUNTS:
         print(f"step_distill: teacher at {steps} steps ...")
         rows.append(row("teacher", reference, steps))
-    for name in variants(args):
+    for name in args.variants:
         mode, final = VARIANTS[name][:2]
         counts = [s for s in STEP_COUNTS if s >= final] if mode == "progressive" else [final]
         for steps in counts:
@@ -193,20 +199,36 @@ def step_rows(reference, runs: Path, heldout, noise: dict, args) -> tuple[list[d
     return rows, latents
 
 
-def image_seconds(pipeline, heldout, steps: int, args, vae=None) -> float:
-    """Median wall seconds of one image (batch 1: text, UNet steps, all three decodes)."""
-    if vae is not None:
-        pipeline = type(pipeline)(**{**pipeline.components, "vae": vae})
-        pipeline.set_progress_bar_config(disable=True)
-    times = []
-    for index in range(args.repeats + 1):  # the first call warms up
-        begun = time.perf_counter()
+def one_image(pipeline, heldout, steps: int, args):
+    """One image as a user asks for it (batch 1: text, UNet steps, all three decodes), as a call."""
+
+    def call():
         pipeline(heldout.captions[0], pose=heldout.poses[0], height=heldout.resolution, width=heldout.resolution,
                  num_inference_steps=steps, guidance_scale=args.guidance, output_type="np",
-                 generator=torch.Generator().manual_seed(index))  # fmt: skip
-        if index:
-            times.append(time.perf_counter() - begun)
-    return statistics.median(times)
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    return call
+
+
+def image_seconds(pipeline, heldout, steps: int, args) -> float:
+    """Median wall seconds of one image, after one warm-up image."""
+    return time_call(one_image(pipeline, heldout, steps, args), (), {}, warmup=1, repeats=args.repeats) / 1000
+
+
+def per_image_seconds(reference, student, heldout, args) -> dict:
+    """The goal's timing: the teacher at 50 steps with CFG and the deployed student at 4, in
+    ``--timing-rounds`` alternating rounds (median of the rounds' medians)."""
+    calls = {"teacher_image_s": one_image(reference, heldout, REFERENCE_STEPS, args),
+             "image_s": one_image(student, heldout, 4, args)}  # fmt: skip
+    ms = alternating_ms(calls, {name: {} for name in calls}, rounds=args.timing_rounds, repeats=args.repeats)
+    return {name: value / 1000 for name, value in ms.items()}
+
+
+def with_vae(pipeline, vae):
+    """``pipeline`` decoding with ``vae`` (e.g. a distilled decoder)."""
+    pipeline = type(pipeline)(**{**pipeline.components, "vae": vae})
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def reference_latents(reference, heldout, noise: dict, args) -> torch.Tensor:
@@ -268,7 +290,8 @@ def _count(module) -> int:
 # --- the report ------------------------------------------------------------------------------------
 def report(rows: list[dict], decoders: list[dict], deployed: dict, teacher: dict, times: dict, args) -> None:
     print(f"\nteacher: {teacher['root']}; reference: teacher at {REFERENCE_STEPS} steps, CFG w = {args.guidance}; "
-          f"students from the teacher at {TEACHER_STEPS} steps on {args.trajectories} teacher paths per round, "
+          f"students ({', '.join(args.variants)}) from the teacher at {TEACHER_STEPS} steps "
+          f"on {args.trajectories} teacher paths per round, "
           f"{args.round_steps} training steps per progressive round, {args.direct_steps} for direct "
           f"(batch {args.batch_size}, lr {args.learning_rate})")  # fmt: skip
     print(f"{'method':16} {'steps':>5} {'UNet evals':>10} {'PSNR rgb':>8} {'depth':>6} {'normal':>6} {'s/image':>8}")
@@ -296,9 +319,10 @@ def report(rows: list[dict], decoders: list[dict], deployed: dict, teacher: dict
         "student_cfg_4_psnr": cfg_4["psnr"]["rgb"],
         "student_cfg_4_method": cfg_4["method"],
         "teacher_16_psnr": by[("teacher", 16)]["psnr"]["rgb"],
-        "teacher_50_image_s": by[("teacher", REFERENCE_STEPS)]["image_s"],
+        "teacher_50_image_s": deployed["teacher_image_s"],
         "student_cfg_4_half_decoder_image_s": student_image_s,
-        "per_image_speedup": by[("teacher", REFERENCE_STEPS)]["image_s"] / student_image_s,
+        "per_image_speedup": deployed["teacher_image_s"] / student_image_s,
+        "per_image_timing": f"{args.timing_rounds} alternating rounds of {args.repeats} images each",
         "decoder_half_speedup": half["speedup_compiled"],
         "decoder_half_speedup_eager": half["speedup_eager"],
         "decoder_half_psnr": min(half["psnr_photos"].values()),
