@@ -17,13 +17,15 @@ apart from the benchmark's.
 2. SR (``bench/_quantize_sr.py``): the same runtimes for one 720p frame, PSNR on held-out photos.
 3. QAT (``bench/_quantize_qat.py``) on the student: W8A8, W4A8 fixed-point, power-of-two W4, mixed
    W4 (half the rows power-of-two); then PIM: conventional W8A8 under PIM quantization against
-   PIM-QAT, ADC 4–6 bits, with and without thermal noise.
+   PIM-QAT, ADC 4–6 bits, with and without thermal noise, on chips whose ADC spans the partial
+   sums' full range and on chips whose ADC ranges are calibrated per layer (``--pim-adc-ranges``).
 
 Writes ``bench/results/quantize.json`` whose ``summary`` holds ``int8_speedup`` (student: fp32
 compiled / int8 compiled step), ``int8_psnr_db`` (student's int8 samples vs fp32, RGB),
 ``timestep_aware_psnr_db`` / ``single_timestep_psnr_db`` (the same for the two calibrations),
 ``w4a8_loss_ratio`` (held-out v-loss after W4A8 QAT / fp32) and ``pim_gap_recovered`` (mean over
-the PIM settings). Skips (exit 0) without ``../shared``.
+the PIM settings of the last ADC range named, calibrated by default; ``pim_gap_recovered_full`` and
+``pim_gap_recovered_calibrated`` apart). Skips (exit 0) without ``../shared``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ def main() -> None:
     parser.add_argument("--adc-bits", type=int, nargs="+", default=[4, 5, 6])
     parser.add_argument("--pim-noise", type=float, default=0.5, help="thermal noise, ADC steps (LSBs)")
     parser.add_argument("--pim-heldout-num", type=int, default=8)
+    parser.add_argument(
+        "--pim-adc-ranges",
+        nargs="+",
+        default=["full", "calibrated"],
+        choices=["full", "calibrated"],
+        help="the chips' ADC ranges, each a PIM table; the goal is judged on the last",
+    )
+    parser.add_argument("--pim-calibration-batches", type=int, default=4, help="batches that set up the chip")
     parser.add_argument("--sr-calibration-photos", type=int, default=8)
     parser.add_argument("--sr-teacher-steps", type=int, default=800, help="train-sr steps when prune left no SR net")
     parser.add_argument("--skip", nargs="*", default=[], choices=["teacher", "sr", "qat", "pim"])
@@ -153,9 +163,17 @@ def summary(result: dict) -> dict:
         out["w4a8_loss_ratio"] = rows["W4A8"]["loss_ratio"]
         out["qat_loss_ratios"] = {name: row["loss_ratio"] for name, row in rows.items()}
     if "pim" in result:
-        out["pim_gap_recovered"] = result["pim"]["gap_recovered_mean"]
-        out["pim_gap_recovered_min"] = result["pim"]["gap_recovered_min"]
+        pim = result["pim"]
+        out["pim_gap_recovered"] = pim["gap_recovered_mean"]
+        out["pim_gap_recovered_min"] = pim["gap_recovered_min"]
+        out["pim_adc_range"] = pim["goal_adc_range"]
+        for adc_range in args_ranges(pim):
+            out[f"pim_gap_recovered_{adc_range}"] = pim[f"gap_recovered_mean_{adc_range}"]
     return out
+
+
+def args_ranges(pim: dict) -> list[str]:
+    return sorted({row["adc_range"] for row in pim["rows"]})
 
 
 if __name__ == "__main__":

@@ -13,10 +13,17 @@ partial sums is the *decomposition scheme* (:data:`SCHEMES`):
 - ``sliced``: bit-serial inputs, and each weight's magnitude sliced into one-bit cells on the
   differential pair; a partial sum counts ones, in ``[0, tile]``.
 
-The results are shifted by their bit positions and added digitally. The ADC spans the partial
-sum's full range with ``2^adc_bits`` uniform levels, never finer than one unit (the sums are
-integers), so an ADC with enough bits is exact. ``noise`` adds Gaussian thermal noise to the
-analog sum before the ADC, its standard deviation in ADC steps (LSBs).
+The results are shifted by their bit positions and added digitally. The ADC (:func:`adc`) has
+``2^adc_bits`` uniform levels, zero among them (a signed partial sum reads two's-complement codes,
+an unsigned one codes from 0), never finer than one unit (the sums are integers), so an ADC with
+enough bits is exact. Its range (``adc_range``) is either the partial sum's ``full`` theoretical
+range, or ``calibrated``: per layer and crossbar array, the clipping range that loses least (mean
+squared error) on the partial sums the layer meets, found on calibration data
+(:func:`calibrate_adc`) or, in PIM-QAT, kept as a running average while training, frozen in
+evaluation. Partial sums concentrate far below their theoretical bound (a tile of 128 rows rarely
+has many large products of one sign), so a full-range ADC of few bits reads almost all of them as
+0; real chips set the ADC's reference to the range they see. ``noise`` adds Gaussian thermal noise
+to the analog sum before the ADC, its standard deviation in ADC steps (LSBs).
 
 PIM-QAT's training aids are here as well:
 
@@ -31,12 +38,17 @@ PIM-QAT's training aids are here as well:
 - *BatchNorm calibration* (:func:`calibrate_batchnorm`): re-estimate BatchNorm statistics with PIM
   on, for models that have BatchNorm (the UNets' GroupNorm has no statistics to calibrate).
 
+A conventionally trained model deployed on a chip gets the same calibration (:func:`calibrate_adc`:
+the ADC ranges and rescaling gains from a few batches, nothing trained), so the two are compared on
+the same hardware.
+
 PIM runs on the fake-quantized layers of :mod:`distill.quant.layers` whose weight and input
 quantizers are fixed-point (the crossbars hold integers): :func:`enable_pim` sets it on them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -48,6 +60,7 @@ from torch import nn
 from distill.quant.schemes import FixedPoint
 
 SCHEMES = ("bit_serial", "differential", "sliced")
+ADC_RANGES = ("full", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -59,11 +72,14 @@ class PIMConfig:
     train_adc_bits: int | None = None  # adjusted precision training: None trains at adc_bits
     train_noise: float | None = None  # None trains with `noise`
     rescale: bool = True  # PIM-QAT's output rescaling
-    momentum: float = 0.1  # of the rescaling gain's running average
+    momentum: float = 0.1  # of the running averages (rescaling gain, calibrated ADC range)
+    adc_range: str = "full"  # or "calibrated": per layer and array, fitted to the partial sums
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"pim.scheme={self.scheme!r}; choose one of {SCHEMES}")
+        if self.adc_range not in ADC_RANGES:
+            raise ValueError(f"pim.adc_range={self.adc_range!r}; choose one of {ADC_RANGES}")
         for key in ("tile", "adc_bits", "train_adc_bits"):
             value = getattr(self, key)
             if value is None and key == "train_adc_bits":
@@ -84,12 +100,34 @@ class PIMConfig:
         return cls(**config)
 
 
-def adc(partial: torch.Tensor, low: float, high: float, bits: int, noise: float = 0.0, generator=None):
-    """An ADC of ``bits`` bits spanning ``[low, high]``: uniform steps, never below one unit."""
-    step = max(1.0, (high - low) / (2**bits - 1))
+def adc(partial: torch.Tensor, top: float, bits: int, signed: bool, noise: float = 0.0, generator=None):
+    """An ADC of ``bits`` bits reading ``[-top, top]`` (``signed``: two's-complement codes) or
+    ``[0, top]``: uniform steps with a level at zero, never finer than one unit; values beyond the
+    range clip to the end codes."""
+    step = max(1.0, top / max(1, 2 ** (bits - 1) - 1) if signed else top / (2**bits - 1))
     if noise:
         partial = partial + noise * step * torch.randn(partial.shape, generator=generator).to(partial)
-    return low + torch.clamp(torch.round((partial - low) / step), 0, math.ceil((high - low) / step)) * step
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return torch.clamp(torch.round(partial / step), low, high) * step
+
+
+def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: float, samples: int = 1 << 16) -> float:
+    """The ADC range (``top``) within ``full_scale`` that digitises ``partial`` with the least mean
+    squared error: a search over clipping points from the largest |value| down, in quarter-octave
+    steps, on an evenly strided subset of at most ``samples`` values."""
+    values = partial.detach().flatten()
+    values = values[:: max(1, values.numel() // samples)].double()
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    exact_below = (2 ** (bits - 1) - 1) if signed else (2**bits - 1)  # tops whose step is one unit
+    best, best_error = full_scale, math.inf
+    top = min(full_scale, max(largest, 1.0))
+    while True:
+        error = float((adc(values, top, bits, signed) - values).pow(2).mean())
+        if error < best_error:
+            best, best_error = top, error
+        if top <= exact_below:  # below this the step stays at one unit: only more clipping
+            return best
+        top = max(top * 2**-0.25, exact_below)
 
 
 def crossbar_arrays(weights: torch.Tensor, weight_bits: int, scheme: str) -> list[tuple[torch.Tensor, float, bool]]:
@@ -117,10 +155,13 @@ def pim_matmul(
     adc_bits: int | None = None,
     noise: float | None = None,
     generator: torch.Generator | None = None,
+    adc_top: Callable[[int, torch.Tensor, float, bool], float] | None = None,
 ) -> torch.Tensor:
     """What a PIM chip computes for ``inputs @ weights.T``: ``inputs`` (M, K) unsigned integer codes
     below ``2^input_bits``, ``weights`` (O, K) signed integer codes within ``±(2^(weight_bits-1) - 1)``;
-    K in tiles of ``config.tile`` rows, inputs bit-serial, every partial sum through the ADC."""
+    K in tiles of ``config.tile`` rows, inputs bit-serial, every partial sum through the ADC.
+    ``adc_top(array, partial sums, full scale, signed)`` gives each crossbar array's ADC range
+    (:class:`PIM`'s calibrated ranges); without it the ADC spans the full scale."""
     adc_bits = config.adc_bits if adc_bits is None else adc_bits
     noise = config.noise if noise is None else noise
     rows, tile = inputs.shape[1], config.tile
@@ -132,23 +173,32 @@ def pim_matmul(
     input_planes = torch.stack([torch.bitwise_and(as_integers >> bit, 1) for bit in range(input_bits)]).to(inputs)
     bit_values = 2.0 ** torch.arange(input_bits, dtype=inputs.dtype, device=inputs.device)
     result = inputs.new_zeros(inputs.shape[0], weights.shape[0])
-    for cells, factor, signed in crossbar_arrays(weights, weight_bits, config.scheme):
-        full_scale = tile * (1 if config.scheme == "sliced" else 2 ** (weight_bits - 1) - 1)
+    full_scale = tile * (1 if config.scheme == "sliced" else 2 ** (weight_bits - 1) - 1)
+    for index, (cells, factor, signed) in enumerate(crossbar_arrays(weights, weight_bits, config.scheme)):
         partial = torch.einsum("bmtn,otn->bmto", input_planes, cells)  # (input bit, M, tile, O)
-        digital = adc(partial, -full_scale if signed else 0.0, full_scale, adc_bits, noise, generator)
+        top = full_scale if adc_top is None else adc_top(index, partial, full_scale, signed)
+        digital = adc(partial, top, adc_bits, signed, noise, generator)
         result += factor * torch.einsum("b,bmto->mo", bit_values, digital)
     return result
+
+
+def crossbar_count(weight_bits: int, scheme: str) -> int:
+    """How many crossbar arrays :func:`crossbar_arrays` programs."""
+    return {"bit_serial": 1, "differential": 2}.get(scheme, 2 * (weight_bits - 1))
 
 
 class PIM(nn.Module):
     """PIM quantization of one fake-quantized layer (:func:`enable_pim` attaches it)."""
 
-    def __init__(self, config: PIMConfig):
+    def __init__(self, config: PIMConfig, arrays: int = 1):
         super().__init__()
         self.config = config
         self.register_buffer("gain", torch.ones(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        # the calibrated ADC range of each crossbar array (0: not yet seen); used with adc_range="calibrated"
+        self.register_buffer("adc_tops", torch.zeros(arrays, dtype=torch.float64))
         self.generator: torch.Generator | None = None
+        self.calibrating = False  # calibrate_adc: observe ranges and gain in evaluation too
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in asdict(self.config).items())
@@ -162,14 +212,18 @@ class PIM(nn.Module):
         rows, shape = _as_rows(layer, codes, zero_point)
         flat = weights.reshape(weights.shape[0], -1)
         exact = rows @ flat.T
+        observing = self.training or self.calibrating
+        adc_top = None
+        if config.adc_range == "calibrated":
+            adc_top = functools.partial(self._adc_top, observing=observing)
         chip = pim_matmul(
             rows.detach(), flat.detach(), layer.input_quantizer.bits, layer.weight_quantizer.bits, config,
-            adc_bits, noise, self.generator,
+            adc_bits, noise, self.generator, adc_top,
         )  # fmt: skip
         offset = zero_point * flat.sum(1)  # the input's zero point, taken out digitally
         exact, chip = exact - offset, chip - offset.detach()
         if config.rescale:
-            if self.training:
+            if observing:
                 self._observe_gain(exact.detach(), chip)
             chip = chip * self.gain
         product = exact + (chip - exact).detach()  # the chip's values, the exact product's gradient
@@ -177,6 +231,18 @@ class PIM(nn.Module):
         if layer.bias is not None:
             output = output + layer.bias
         return _from_rows(output, shape)
+
+    @torch.no_grad()
+    def _adc_top(self, array: int, partial: torch.Tensor, full_scale: float, signed: bool, observing: bool) -> float:
+        """The array's calibrated ADC range: fitted at the chip's resolution to ``partial`` while
+        observing (the first time as is, then a running average), the stored one otherwise; the
+        full scale until first seen."""
+        stored = float(self.adc_tops[array])
+        if observing:
+            fitted = fit_adc_range(partial, self.config.adc_bits, signed, full_scale)
+            stored = fitted if stored <= 0 else stored + self.config.momentum * (fitted - stored)
+            self.adc_tops[array] = stored
+        return stored if stored > 0 else full_scale
 
     @torch.no_grad()
     def _observe_gain(self, exact: torch.Tensor, chip: torch.Tensor) -> None:
@@ -229,7 +295,8 @@ def enable_pim(model: nn.Module, config: PIMConfig, generator: torch.Generator |
             continue
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             continue
-        layer.pim = PIM(config).to(layer.weight.device).train(layer.training)
+        arrays = crossbar_count(weight.bits, config.scheme)
+        layer.pim = PIM(config, arrays).to(layer.weight.device).train(layer.training)
         layer.pim.generator = generator
         enabled[name] = layer.pim
     if not enabled:
@@ -269,3 +336,27 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable, forward: Callable[[
         norm.momentum = momentum
     model.train(was_training)
     return len(norms)
+
+
+@torch.no_grad()
+def calibrate_adc(model: nn.Module, batches: Iterable, forward: Callable[[nn.Module, object], object]) -> int:
+    """A chip set up for a model as it is: every PIM layer's calibrated ADC ranges (with
+    ``adc_range="calibrated"``) and rescaling gain (with ``rescale``) estimated afresh on
+    ``batches`` (a running average from the first), the model in evaluation otherwise (activation
+    ranges, BatchNorm statistics and weights untouched); returns how many PIM layers it set."""
+    modules = [module for module in model.modules() if isinstance(module, PIM)]
+    was_training = model.training
+    model.eval()
+    for module in modules:
+        module.adc_tops.zero_()
+        module.observed.fill_(False)
+        module.gain.fill_(1.0)
+        module.calibrating = True
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        for module in modules:
+            module.calibrating = False
+        model.train(was_training)
+    return len(modules)

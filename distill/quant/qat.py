@@ -212,15 +212,39 @@ def quantize_qat(config: dict, resume: str | None = None) -> dict:
 @torch.no_grad()
 def observe_ranges(student, family, batches, cache, count: int, seed: int) -> None:
     """Run ``count`` training-style batches through the student in train mode, so every activation
-    quantizer's running range starts at the inputs it will see."""
+    quantizer's running range (and PIM layer's ADC range and gain) starts at the inputs it will see."""
+    student.train()
+    for noisy, timesteps, conditions in training_inputs(family, batches, cache, count, seed):
+        student(noisy, timesteps, **conditions)
+
+
+def training_inputs(family, batches, cache, count: int, seed: int):
+    """``count`` denoiser inputs ``(noisy latents, timesteps, conditions)`` as training draws them
+    (no text dropout), from ``batches`` of shard samples."""
     from distill.prune import noised_sample
 
     generator = torch.Generator().manual_seed(seed + 12345)
-    student.train()
     for _ in range(count):
         clean, conditions, _ = family.inputs(next(batches), cache, 0.0, generator)
         noisy, _, timesteps = noised_sample(family.pipeline.scheduler, clean, generator)
-        student(noisy, timesteps, **conditions)
+        yield noisy, timesteps, conditions
+
+
+def calibrate_chip(
+    model: torch.nn.Module, run: str | Path, data: dict, count: int = 4, batch_size: int = 4, seed: int = 0
+) -> int:
+    """Set up the PIM chip for a fake-quantized ``model`` as it is (:func:`distill.quant.pim.calibrate_adc`:
+    ADC ranges and rescaling gains), on ``count`` training-style batches of ``data`` (a config's
+    ``data`` section, batches of ``batch_size``) encoded by the pipeline at ``run``; nothing trained.
+    Returns how many PIM layers it set."""
+    from distill.quant.pim import calibrate_adc
+    from distill.step_models import LatentCache, load_teacher
+    from hyperhuman.lsdm.data import Batches
+
+    family = load_teacher(run)
+    batches = Batches({**data, "num_workers": 0}, batch_size, seed + 1)
+    inputs = training_inputs(family, batches, LatentCache(False), count, seed)
+    return calibrate_adc(model, inputs, lambda module, item: module(item[0], item[1], **item[2]))
 
 
 def save_qat_model(family, trained: torch.nn.Module, config: dict, output: Path) -> None:

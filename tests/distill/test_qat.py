@@ -79,11 +79,14 @@ def test_qat_resumes_exactly(qat_run, teacher_run, distill_shards, tmp_path):
 
 def test_pim_qat_runs_the_crossbars_in_training(teacher_run, distill_shards, tmp_path):
     pim = {"tile": 32, "adc_bits": 5, "scheme": "bit_serial", "train_adc_bits": 4, "noise": 0.5}
+    pim["adc_range"] = "calibrated"
     report = quantize_qat(config_for(tmp_path / "pim", teacher_run, distill_shards, pim=pim, steps=2))
     assert report["steps"] == 2 and all(loss == loss for loss in report["losses"])  # finite
     pipeline = load_qat_model(tmp_path / "pim")
-    gains = [layer.pim.gain.item() for layer in fake_quant_layers(pipeline.unet).values() if layer.pim is not None]
-    assert gains and all(gain > 0 for gain in gains)
+    chips = [layer.pim for layer in fake_quant_layers(pipeline.unet).values() if layer.pim is not None]
+    assert chips and all(chip.gain.item() > 0 for chip in chips)
+    full_scale = 32 * 7  # tile × the 4-bit weights' largest code
+    assert all(0 < chip.adc_tops.item() <= full_scale for chip in chips)  # ranges learned in training, saved
 
 
 @pytest.mark.parametrize(
