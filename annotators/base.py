@@ -156,6 +156,12 @@ class Annotator:
         self.config = config
         self.options = {**self.default_options, **config.options}
 
+    @classmethod
+    def missing_weights(cls, config: AnnotatorConfig) -> str | None:
+        """Why ``config`` cannot run here (its weights are not installed), or ``None``; read by
+        :func:`annotators.registry.resolve` for configs that name a ``fallback``."""
+        return None
+
     @property
     def weights_id(self) -> str:
         return self.config.weights or "none"

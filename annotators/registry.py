@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from annotators.base import Annotator, AnnotatorConfig
+
+logger = logging.getLogger(__name__)
 
 # name → "module:Class"; imported only when built, so unused model families cost nothing.
 REGISTRY: dict[str, str] = {
     "mediapipe-pose": "annotators.mediapipe_pose:MediaPipePose",
     "mediapipe-person-boxes": "annotators.mediapipe_pose:MediaPipePersonBoxes",
+    "movenet-pose": "annotators.movenet:MoveNetPose",
+    "movenet-person-boxes": "annotators.movenet:MoveNetPersonBoxes",
     "mediapipe-selfie": "annotators.mediapipe_segmentation:MediaPipeSelfieMask",
     "pose-depth": "annotators.derived:PersonDepthFromPose",
     "depth-normal": "annotators.derived:NormalFromDepth",
@@ -23,6 +28,8 @@ REGISTRY: dict[str, str] = {
     "controlnet-normalbae": "annotators.controlnet_aux_normalbae:ControlNetAuxNormalBae",
     "controlnet-midas": "annotators.controlnet_aux_midas:ControlNetAuxMidas",
     "transformers-caption": "annotators.transformers_caption:TransformersCaption",
+    "laion-aesthetic": "annotators.aesthetic:LaionAesthetic",
+    "diffusers-outpaint": "pipelines.outpaint:DiffusersOutpaint",
 }
 
 
@@ -31,10 +38,29 @@ def register(name: str, target: str) -> None:
     REGISTRY[name] = target
 
 
-def build_annotator(config: AnnotatorConfig | dict | str) -> Annotator:
+def annotator_class(name: str) -> type[Annotator]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown annotator {name!r}; registered: {sorted(REGISTRY)}")
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def resolve(config: AnnotatorConfig | dict | str) -> AnnotatorConfig:
+    """The annotator that runs for ``config``: itself or, when its weights are not installed here
+    (:meth:`Annotator.missing_weights`) and ``options.fallback`` names another annotator, that one
+    (resolved in turn), with a logged warning."""
     config = config if isinstance(config, AnnotatorConfig) else AnnotatorConfig.from_dict(config)
-    if config.name not in REGISTRY:
-        raise ValueError(f"unknown annotator {config.name!r}; registered: {sorted(REGISTRY)}")
-    module_name, class_name = REGISTRY[config.name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config)
+    fallback = config.options.get("fallback")
+    if fallback is None:
+        return config
+    missing = annotator_class(config.name).missing_weights(config)
+    if missing is None:
+        return config
+    fallback = AnnotatorConfig.from_dict(fallback)
+    logger.warning("annotator %r falls back to %r: %s", config.name, fallback.name, missing)
+    return resolve(fallback)
+
+
+def build_annotator(config: AnnotatorConfig | dict | str) -> Annotator:
+    config = resolve(config)
+    return annotator_class(config.name)(config)

@@ -14,12 +14,18 @@ DEFAULT_FILTERS = {
     "max_people": 3,
     "min_person_area": 0.15,  # fraction of the image covered by the person mask (> 50%)
 }
+# Rules that are off unless set: left out of the job's settings while off, so an output made
+# before a rule existed resumes under the same settings.
+OPTIONAL_FILTERS = {
+    "min_aesthetic": "aesthetic",  # the LAION aesthetic score (annotators.aesthetic); HumanVerse kept ≥ 4.5
+}
 
 
 def check_filters(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULT_FILTERS)
+    known = {*DEFAULT_FILTERS, *OPTIONAL_FILTERS}
+    unknown = set(options) - known
     if unknown:
-        raise ConfigError(f"unknown filters {sorted(unknown)}; known: {sorted(DEFAULT_FILTERS)}")
+        raise ConfigError(f"unknown filters {sorted(unknown)}; known: {sorted(known)}")
     return {**DEFAULT_FILTERS, **options}
 
 
@@ -30,6 +36,14 @@ def image_rule(rgb: np.ndarray, options: dict) -> tuple[str, str] | None:
     aspect = max(width, height) / min(width, height)
     if aspect > options["max_aspect"]:
         return "max_aspect", f"aspect ratio {aspect:.2f} above {options['max_aspect']}"
+    return None
+
+
+def aesthetic_rule(score: float, options: dict) -> tuple[str, str] | None:
+    """Runs in the annotate actor on the source image's score, before outpainting and the people stages."""
+    threshold = options.get("min_aesthetic")
+    if threshold is not None and score < threshold:
+        return "min_aesthetic", f"aesthetic score {score:.3f} below {threshold}"
     return None
 
 

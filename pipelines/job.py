@@ -13,6 +13,7 @@ Arrow schema.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import time
@@ -22,7 +23,7 @@ import fsspec
 
 from hyperhuman.config import ConfigError
 from pipelines import fetch as fetching
-from pipelines.filters import check_filters, image_rule, people_rule
+from pipelines.filters import aesthetic_rule, check_filters, image_rule, people_rule
 from pipelines.lock import OutputLock
 from pipelines.output import (
     check_job_file,
@@ -126,6 +127,12 @@ class AnnotatePartition:
         rejection = people_rule(pose, mask, self.filters)
         return None if rejection is None else Rejection(*rejection)
 
+    def screen(self, index, aesthetic):
+        from pipelines.annotate import Rejection
+
+        rejection = aesthetic_rule(aesthetic, self.filters)
+        return None if rejection is None else Rejection(*rejection)
+
     def __call__(self, row: dict) -> dict:
         started = time.perf_counter()
         payload = _unpack(row)
@@ -177,6 +184,7 @@ class AnnotatePartition:
             [item["caption"] for item in batch],
             [item["source"] for item in batch],
             select=self.select,
+            screen=self.screen,
         )
         for item, result in zip(batch, results, strict=True):
             decoded = item.pop("decoded")
@@ -186,8 +194,8 @@ class AnnotatePartition:
             if isinstance(result, Failure):
                 item.update(status=STATUS_FAILED, rule="", reason=result.reason)
                 continue
-            if decoded["image_bytes"] is not None:
-                result.image = decoded["image_bytes"]  # keep the source JPEG byte-exact
+            if decoded["image_bytes"] is not None and "outpaint" not in result.meta:
+                result.image = decoded["image_bytes"]  # keep the source JPEG byte-exact (an outpainted canvas is new)
             result.meta.update(
                 source_sha256=decoded["sha256"], source_size=decoded["source_size"], extra=json.loads(item["extra"])
             )
@@ -272,6 +280,28 @@ def check_job_config(config: dict) -> dict:
     return check_filters(config.get("filters", {}))
 
 
+def with_fallbacks_resolved(config: dict) -> dict:
+    """``config`` with each annotator that cannot run here replaced by its ``fallback`` (e.g. the
+    offline MoveNet pose without its installed models), said once on the driver: the job's
+    settings, and so its fingerprint, name what runs (a job resumed after installing the models
+    does not mix two pose models in one output), and the actors build it."""
+    from annotators.base import AnnotatorConfig
+    from annotators.registry import resolve
+
+    annotators = dict(config["annotators"])
+    for modality, entry in config["annotators"].items():
+        asked, resolved = AnnotatorConfig.from_dict(entry), resolve(entry)
+        if resolved != asked:
+            annotators[modality] = dataclasses.asdict(resolved)
+            print(f"[annotate] annotators.{modality}: {asked.name} cannot run here (see the warning above); "
+                  f"its fallback {resolved.name} runs instead")  # fmt: skip
+    if annotators == config["annotators"]:
+        return config
+    config = {**config, "annotators": annotators}
+    check_job_config(config)  # the fallback's own settings
+    return config
+
+
 def run_job(
     source: str,
     output: str,
@@ -287,6 +317,7 @@ def run_job(
     job into ``output``; returns the report (``plan.json``'s content with ``plan_only``)."""
 
     filters = check_job_config(config)
+    config = with_fallbacks_resolved(config)
     storage_options = config.get("writer", {}).get("storage_options") or {}
     check_output(output, storage_options)
     started = time.perf_counter()

@@ -4,7 +4,9 @@ anything is written, with one line naming the key, what it takes and the value i
 
 The rules are a table (:data:`RULES`) so that adding a key is one line; the sections that have
 their own checks (``fetch``: :func:`pipelines.fetch.check_fetch`; ``annotators``: the registry)
-are checked by those.
+are checked by those. The optional curation steps (``annotators.aesthetic``,
+``annotators.outpaint``) have their options checked here too (:data:`CURATION_OPTIONS`), so a bad
+margin fails at start, not when an actor loads the model.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import fsspec
 
 from hyperhuman.config import ConfigError, check_known_keys
 from pipelines.fetch import DEFAULT_FETCH, check_fetch
-from pipelines.filters import DEFAULT_FILTERS
+from pipelines.filters import DEFAULT_FILTERS, OPTIONAL_FILTERS
 
 REFERENCE = "configs/annotate/offline.yaml"
+CURATION_REFERENCE = "configs/annotate/full.yaml"  # the config that turns the curation steps on
 DEFAULT_MAX_CAPTION_BYTES = 4096  # source.max_caption_bytes: a longer caption is a rejected row
 PROBE_PREFIX = ".hyperhuman-write-probe-"
 
@@ -70,6 +73,7 @@ RULES = {
     "filters.min_people": integer(0),
     "filters.max_people": integer(0),
     "filters.min_person_area": number(0, 1),
+    "filters.min_aesthetic": number(0, 10),  # the AVA scale of the LAION aesthetic predictor
     "writer.storage_options": MAPPING,
     "writer.max_samples": integer(1),
     "writer.max_bytes": integer(1),
@@ -93,13 +97,28 @@ ANNOTATOR_RULES = {
     "options": MAPPING,
 }
 
+# The curation steps' options by step (their defaults: the annotator classes' default_options).
+CURATION_OPTIONS = {
+    "aesthetic": {"head": STRING},
+    "outpaint": {
+        "margin": number(0.01, 1),  # of each side, added on both sides
+        "resolution": integer(8),
+        "num_inference_steps": integer(1),
+        "guidance_scale": number(0),
+        "prompt": STRING_OR_NULL,
+        "negative_prompt": STRING_OR_NULL,
+        "seed": integer(0),
+    },
+}
+REQUIRED_OPTIONS = {"aesthetic": {"head": "the MLP head's file, e.g. /weights/sac+logos+ava1-l14-linearMSE.pth"}}
+
 
 # Every key the job reads, for check_known_keys (a typo in a hand-written config fails at start).
 ANNOTATE_KEYS = {
     "partition_size": None,
     "source": dict.fromkeys(["url_column", "caption_column", "storage_options", "max_caption_bytes"]),
     "fetch": dict.fromkeys(DEFAULT_FETCH),
-    "filters": dict.fromkeys(DEFAULT_FILTERS),
+    "filters": dict.fromkeys([*DEFAULT_FILTERS, *OPTIONAL_FILTERS]),
     "annotators": None,  # modality → annotator, checked by _check_annotators
     "writer": dict.fromkeys(["storage_options", "max_samples", "max_bytes", "jpeg_quality"]),
     "ray": {
@@ -148,6 +167,7 @@ def check_annotate_settings(config: dict) -> None:
         )
     check_fetch(config.get("fetch"))
     _check_annotators(config["annotators"])
+    _check_curation(config["annotators"], config.get("filters", {}))
 
 
 def _check_annotators(annotators: dict) -> None:
@@ -171,6 +191,40 @@ def _check_annotators(annotators: dict) -> None:
                 _check(f"{where}.{key}", annotator[key], rule)
         if annotator["name"] not in REGISTRY:
             raise ConfigError(f"{where}.name {annotator['name']!r} is not one of {sorted(REGISTRY)}")
+
+
+def _check_curation(annotators: dict, filters: dict) -> None:
+    """Each curation step configured names an annotator of its kind, with known options of the
+    right type; a filter that reads a step's output has that step."""
+    import importlib
+
+    from annotators.registry import REGISTRY
+
+    for step, rules in CURATION_OPTIONS.items():
+        if step not in annotators:
+            continue
+        where, name = f"annotators.{step}", annotators[step]["name"]
+        module, _, class_name = REGISTRY[name].partition(":")
+        annotator = getattr(importlib.import_module(module), class_name)
+        if annotator.modality != step:
+            raise ConfigError(
+                f"{where}.name {name!r} is an annotator of kind {annotator.modality!r}; {where} takes kind "
+                f"{step!r} (see {CURATION_REFERENCE})"
+            )
+        options = annotators[step].get("options", {})
+        check_known_keys(options, dict.fromkeys(annotator.default_options), CURATION_REFERENCE, f"{where}.options.")
+        for key, what in REQUIRED_OPTIONS.get(step, {}).items():
+            if options.get(key) is None:
+                raise ConfigError(f"{where}.options lacks {key!r}: {what} (see {CURATION_REFERENCE})")
+        for key, rule in rules.items():
+            if key in options:
+                _check(f"{where}.options.{key}", options[key], rule)
+    for rule, step in OPTIONAL_FILTERS.items():
+        if rule in filters and step not in annotators:
+            raise ConfigError(
+                f"filters.{rule} reads the score of annotators.{step}, which is not configured: add "
+                f"annotators.{step} (see {CURATION_REFERENCE}) or remove filters.{rule}"
+            )
 
 
 def check_output(output: str, storage_options: dict | None) -> None:

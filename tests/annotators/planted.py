@@ -38,3 +38,12 @@ def painted_box(pixels, colour) -> tuple[float, float, float, float]:
     inside = difference > (difference.max() + np.median(difference)) / 2
     rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def offline_pose_annotator() -> str:
+    """The provenance name of the offline config's pose annotator on this machine: MoveNet's when
+    its models are installed (make setup), else its mediapipe fallback's."""
+    from annotators.registry import annotator_class, resolve
+    from hyperhuman.config import load_config
+
+    return annotator_class(resolve(load_config("annotate/offline")["annotators"]["pose"]).name).name

@@ -7,7 +7,7 @@ import torch
 
 from annotators.base import WeightsNotFoundError
 from annotators.registry import build_annotator
-from tests.annotators.planted import GREEN, MAGENTA, painted_box, painted_people
+from tests.annotators.planted import GREEN, MAGENTA, offline_pose_annotator, painted_box, painted_people
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,6 @@ def test_detector_boxes_drive_the_pose_annotator_in_the_annotate_stage(tiny_yolo
     stage = AnnotateStage(config)
     sample = stage(["k"], [packaged_photos()["astronaut"]], [None], ["test"])[0]
     assert "detection" not in sample.annotations  # boxes are an input to pose, not stored
-    assert sample.annotations["pose"]["annotator"] == "mediapipe-blazepose"
+    assert sample.annotations["pose"]["annotator"] == offline_pose_annotator()
     with pytest.raises(ValueError, match="unknown modalities \\['segmentation'\\]"):
         AnnotateStage({**config, "segmentation": {"name": "mediapipe-selfie"}})

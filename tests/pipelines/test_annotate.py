@@ -10,6 +10,7 @@ from pipelines.annotate import AnnotateStage, ResourceError, is_resource_error
 from shards import ShardWriter, write_manifest
 from shards.reader import complete_shard_urls, read_shard
 from shards.validate import validate
+from tests.annotators.planted import offline_pose_annotator
 
 
 def test_offline_default_annotators_produce_valid_shards(tmp_path):
@@ -25,7 +26,7 @@ def test_offline_default_annotators_produce_valid_shards(tmp_path):
     assert validate(str(tmp_path)) == []
     stored = next(read_shard(complete_shard_urls(str(tmp_path))[0]))
     annotations = stored["json"]["annotations"]
-    assert annotations["pose"]["annotator"] == "mediapipe-blazepose"
+    assert annotations["pose"]["annotator"] == offline_pose_annotator()
     assert annotations["depth"]["kind"] == "coarse_metric_m_from_pose"
     assert annotations["normal"]["annotator"] == "normal-from-depth"
     # depth survives the 16-bit round trip to within one quantisation step of its range

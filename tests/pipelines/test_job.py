@@ -15,6 +15,7 @@ from hyperhuman.demo import packaged_photos
 from pipelines.job import run_job
 from shards.reader import complete_shard_urls, read_shard
 from shards.validate import validate
+from tests.annotators.planted import offline_pose_annotator
 
 LENIENT = {"min_side": 64, "min_person_area": 0.0}
 
@@ -65,7 +66,7 @@ def test_folder_job_writes_valid_annotated_shards_and_resumes(photo_folder, tmp_
     astronaut = next(s for s in kept if s["json"]["source"].endswith("astronaut.png"))
     assert astronaut["txt"] == "an astronaut"
     assert json.loads((output / "report.json").read_text())["counts"] == report["counts"]
-    assert report["annotators_this_run"]["pose"]["annotator"] == "mediapipe-blazepose"
+    assert report["annotators_this_run"]["pose"]["annotator"] == offline_pose_annotator()
 
     # Resume: a partition without its commit record is redone; complete ones are skipped.
     keys_before = sorted(row["key"] for row in rows)
@@ -344,7 +345,7 @@ def test_reannotating_our_own_shards_keeps_keys(tmp_path, ray_session):
     samples = list(read_shard(complete_shard_urls(str(output))[0]))
     assert [s["__key__"] for s in samples] == ["keep_me-1", "keep_me-2"]
     assert samples[0]["txt"] == "caption of keep_me-1"
-    assert samples[0]["json"]["annotations"]["pose"]["annotator"] == "mediapipe-blazepose"
+    assert samples[0]["json"]["annotations"]["pose"]["annotator"] == offline_pose_annotator()
 
 
 @pytest.mark.slow

@@ -12,13 +12,22 @@ from hyperhuman.config import ConfigError, available_configs, documented_keys, l
 from pipelines.settings import (
     ANNOTATE_KEYS,
     ANNOTATOR_RULES,
+    CURATION_OPTIONS,
     DEFAULT_MAX_CAPTION_BYTES,
     RULES,
     check_annotate_settings,
     check_output,
 )
 
+from .curation_models import REGISTRY_ENTRIES, register_curation
+
 ANNOTATE_CONFIGS = [name for name in available_configs() if name.startswith("annotate/")]
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """The curation steps' annotators (annotate/full names them), until annotators/registry.py lists them."""
+    register_curation(monkeypatch)
 
 
 @pytest.mark.parametrize("name", ANNOTATE_CONFIGS)
@@ -159,6 +168,81 @@ def test_unknown_and_missing_keys_are_named(edit, expected):
     edit(config)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         check_annotate_settings(config)
+
+
+# The curation steps: annotators.aesthetic, annotators.outpaint and filters.min_aesthetic, off when absent.
+
+
+def full_with(override: str) -> dict:
+    """configs/annotate/full.yaml with one ``KEY=VALUE`` set as ``--set`` parses it."""
+    dotted, _, raw = override.partition("=")
+    config = load_config("annotate/full")
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+CURATION_BAD_VALUES = [
+    ("filters.min_aesthetic=abc", "filters.min_aesthetic must be a number in [0, 10], got 'abc' (str)"),
+    ("filters.min_aesthetic=11", "got 11 (int)"),
+    ("annotators.aesthetic.options.head=5", "annotators.aesthetic.options.head must be a string, got 5 (int)"),
+    ("annotators.aesthetic.options.head=null", "annotators.aesthetic.options lacks 'head': the MLP head's file"),
+    ("annotators.aesthetic.options.heads=x", "unknown config key 'annotators.aesthetic.options.heads'"),
+    ("annotators.outpaint.options.margin=0", "annotators.outpaint.options.margin must be a number in [0.01, 1], got 0"),
+    ("annotators.outpaint.options.margin=1.5", "got 1.5 (float)"),
+    ("annotators.outpaint.options.resolution=512.5", "options.resolution must be an integer ≥ 8, got 512.5 (float)"),
+    ("annotators.outpaint.options.num_inference_steps=0", "options.num_inference_steps must be an integer ≥ 1, got 0"),
+    ("annotators.outpaint.options.guidance_scale=-1", "options.guidance_scale must be a number ≥ 0, got -1 (int)"),
+    ("annotators.outpaint.options.prompt=5", "options.prompt must be a string or null, got 5 (int)"),
+    ("annotators.outpaint.options.seed=-1", "options.seed must be an integer ≥ 0, got -1 (int)"),
+    ("annotators.outpaint.options.margins=0.2", "unknown config key 'annotators.outpaint.options.margins'"),
+    (
+        "annotators.outpaint.name=laion-aesthetic",
+        "annotators.outpaint.name 'laion-aesthetic' is an annotator of kind 'aesthetic'; annotators.outpaint takes "
+        "kind 'outpaint' (see configs/annotate/full.yaml)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"), CURATION_BAD_VALUES, ids=[override for override, _ in CURATION_BAD_VALUES]
+)
+def test_a_bad_curation_setting_is_one_error_naming_it(override, expected):
+    with pytest.raises(ConfigError) as error:
+        check_annotate_settings(full_with(override))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_curation_steps_are_off_in_the_offline_config_and_on_in_full():
+    offline, full = load_config("annotate/offline"), load_config("annotate/full")
+    assert not {"aesthetic", "outpaint"} & set(offline["annotators"]) and "min_aesthetic" not in offline["filters"]
+    assert {"aesthetic", "outpaint"} <= set(full["annotators"]) and full["filters"]["min_aesthetic"] == 4.5
+    assert {full["annotators"][step]["name"] for step in ("aesthetic", "outpaint")} == set(REGISTRY_ENTRIES)
+    check_annotate_settings(full)
+
+
+def test_the_aesthetic_filter_needs_the_scorer():
+    with pytest.raises(ConfigError) as error:
+        check_annotate_settings(offline_with("filters.min_aesthetic=4.5"))
+    assert str(error.value) == (
+        "filters.min_aesthetic reads the score of annotators.aesthetic, which is not configured: add "
+        "annotators.aesthetic (see configs/annotate/full.yaml) or remove filters.min_aesthetic"
+    )
+    config = load_config("annotate/full")
+    del config["filters"]["min_aesthetic"]
+    check_annotate_settings(config)  # a scorer alone records the score and rejects nothing
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY_ENTRIES))
+def test_every_option_of_a_curation_step_has_a_rule(name):
+    import importlib
+
+    module, _, class_name = REGISTRY_ENTRIES[name].partition(":")
+    annotator = getattr(importlib.import_module(module), class_name)
+    assert set(CURATION_OPTIONS[annotator.modality]) == set(annotator.default_options)
 
 
 # The output folder.
