@@ -300,6 +300,32 @@ def _distill_vae_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_edit_pairs(args: argparse.Namespace) -> int:
+    from distill.e2gan.pairs import edit_pairs
+
+    config = load_config(args.config, args.overrides)
+    report = edit_pairs(config)
+    concepts = ", ".join(f"{name} ({entry['teacher']['name']})" for name, entry in report["concepts"].items())
+    print(f"[distill edit-pairs] {report['train_photos']} training + {report['heldout_photos']} held-out photos × "
+          f"{len(report['concepts'])} concepts: {concepts}; in {report['wall_s']} s; pairs in "
+          f"{config['output']}/train and /heldout")  # fmt: skip
+    return 0
+
+
+def _distill_gan(args: argparse.Namespace) -> int:
+    from distill.e2gan.train import train_gan
+
+    config = load_config(args.config, args.overrides)
+    report = train_gan(config, resume=args.resume)
+    if "psnr_db" in report:
+        psnr = ", ".join(f"{name} {value:.2f}" for name, value in report["psnr_db"].items())
+        identity = report["identity_psnr_db"]["all"]
+        print(f"[distill gan] {report['steps']} steps in {report['wall_s']} s; held-out PSNR vs the teacher's edits "
+              f"{psnr} dB (the input itself: {identity:.2f} dB); {report['params']['generator']:,} generator "
+              f"parameters; generator in {config['output']}/generator")  # fmt: skip
+    return 0
+
+
 def _distill_measure(args: argparse.Namespace) -> int:
     from distill.measure import measure
 
@@ -452,6 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(vae_decoder)
     _add_config_options(vae_decoder, "distill/vae-decoder-tiny")
     vae_decoder.set_defaults(func=_distill_vae_decoder)
+    pairs = stages.add_parser(
+        "edit-pairs", help="E2GAN data: shard photos edited per concept by a teacher editor, as pair shards"
+    )
+    _add_config_options(pairs, "distill/edit-pairs-tiny")
+    pairs.set_defaults(func=_distill_edit_pairs)
+    gan = stages.add_parser("gan", help="train the E2GAN base model (text-conditioned generator) on edit pairs")
+    _add_resume_option(gan)
+    _add_config_options(gan, "distill/gan-tiny")
+    gan.set_defaults(func=_distill_gan)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )
@@ -541,8 +576,8 @@ RESUME_HINTS = {
     "train-lsdm": "rerun it with --resume latest to continue from the last checkpoint",
     "train-sgr": "rerun it with --resume latest to continue from the last checkpoint",
     "train-sr": "rerun it with --resume latest to continue from the last checkpoint",
-    "distill": "for `distill unet`, `distill steps` or `distill vae-decoder`, rerun it with --resume latest to "
-    "continue from the last checkpoint",
+    "distill": "for `distill unet`, `distill steps`, `distill vae-decoder` or `distill gan`, rerun it with --resume "
+    "latest to continue from the last checkpoint (`distill edit-pairs`: rerun it; finished concepts are kept)",
     "prune": "rerun it with --resume latest to continue from the last checkpoint",
     "quantize": "for `quantize qat`, rerun it with --resume latest to continue from the last checkpoint",
 }

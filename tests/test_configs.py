@@ -68,6 +68,18 @@ def check_distill_vae_decoder(config):
     check_config(config, check_paths=False)
 
 
+def check_distill_edit_pairs(config):
+    from distill.e2gan.pairs import check_config
+
+    check_config(config, check_paths=False)
+
+
+def check_distill_gan(config):
+    from distill.e2gan.train import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_prune(config):
     from distill.prune import check_config
 
@@ -105,6 +117,8 @@ CHECKS = {
     "distill/unet": check_distill_unet,
     "distill/steps": check_distill_steps,
     "distill/vae-decoder": check_distill_vae_decoder,
+    "distill/edit-pairs": check_distill_edit_pairs,
+    "distill/gan": check_distill_gan,
     "prune/": check_prune,
     "quantize/ptq": check_quantize_ptq,
     "quantize/qat": check_quantize_qat,
@@ -131,6 +145,8 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 
 def recipe_schemas():
+    from distill.e2gan.pairs import KNOWN_KEYS as DISTILL_EDIT_PAIRS
+    from distill.e2gan.train import KNOWN_KEYS as DISTILL_GAN
     from distill.kd import KNOWN_KEYS as DISTILL_UNET
     from distill.quant.qat import KNOWN_KEYS as QUANTIZE_QAT
     from distill.quantize import KNOWN_KEYS as QUANTIZE_PTQ
@@ -149,13 +165,16 @@ def recipe_schemas():
         "distill/unet-tiny": DISTILL_UNET,
         "distill/steps-tiny": DISTILL_STEPS,
         "distill/vae-decoder-tiny": DISTILL_VAE_DECODER,
+        "distill/edit-pairs-tiny": DISTILL_EDIT_PAIRS,
+        "distill/gan-tiny": DISTILL_GAN,
         "quantize/ptq-tiny": QUANTIZE_PTQ,
         "quantize/qat-tiny": QUANTIZE_QAT,
     }
 
 
 RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
-                  "distill/vae-decoder-tiny", "quantize/ptq-tiny", "quantize/qat-tiny"]  # fmt: skip
+                  "distill/vae-decoder-tiny", "quantize/ptq-tiny", "quantize/qat-tiny", "distill/edit-pairs-tiny",
+                  "distill/gan-tiny"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)
