@@ -84,6 +84,18 @@ def keypoints_in_image(keypoints: np.ndarray, width: int, height: int) -> np.nda
     return keypoints
 
 
+def person_boxes(poses: list[dict]) -> list[dict]:
+    """A pose annotator's people as detections: per image ``{"boxes": (N, 4) x0 y0 x1 y1 pixels,
+    "scores": (N,)}``, in the poses' order."""
+    return [
+        {
+            "boxes": np.array([person["bbox"] for person in pose["people"]], dtype=np.float32).reshape(-1, 4),
+            "scores": np.array([person["score"] for person in pose["people"]], dtype=np.float32),
+        }
+        for pose in poses
+    ]
+
+
 def map_same_size_batches(images: list[np.ndarray], batch_size: int, predict) -> list:
     """``predict(list of images) -> list of results`` on batches of same-size images, results in
     input order. Batching only equal sizes means no padding, so a batch gives the same results

@@ -55,7 +55,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorConfig, WeightsNotFoundError, keypoints_in_image, to_rgb
+from annotators.base import Annotator, AnnotatorConfig, WeightsNotFoundError, keypoints_in_image, person_boxes, to_rgb
 from shards.keypoints import NUM_COCO17, NUM_WHOLEBODY
 
 MODEL_FILES = {
@@ -477,13 +477,4 @@ class MoveNetPersonBoxes(MoveNetPose):
 
     def __call__(self, images: list) -> list[dict]:
         """Per image: ``{"boxes": (N, 4) x0 y0 x1 y1 pixels, "scores": (N,)}``, best first."""
-        results = []
-        for pose in super().__call__(images):
-            people = pose["people"]
-            results.append(
-                {
-                    "boxes": np.array([person["bbox"] for person in people], dtype=np.float32).reshape(-1, 4),
-                    "scores": np.array([person["score"] for person in people], dtype=np.float32),
-                }
-            )
-        return results
+        return person_boxes(super().__call__(images))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from distill.e2gan.pairs import split_pair
 from hyperhuman.config import ConfigError
+from hyperhuman.lsdm.data import Batches
 
 
 class PairTransform:
@@ -86,38 +87,17 @@ def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int, split_by_no
                       collate_fn=default_collate, drop_last=True)  # fmt: skip
 
 
-class PairBatches:
-    """Endless batches across epochs, resumable at ``(epoch, batches_in_epoch)``.
-    (A marked copy of :class:`hyperhuman.lsdm.data.Batches` over :func:`epoch_loader` above.)"""
+class PairBatches(Batches):
+    """Endless, resumable batches of pairs (:class:`hyperhuman.lsdm.data.Batches` over
+    :func:`epoch_loader` above)."""
 
-    def __init__(self, data: dict, batch_size: int, seed: int, epoch=0, batches_in_epoch=0, split_by_node=True):
-        self.data, self.batch_size, self.seed, self.split_by_node = data, batch_size, seed, split_by_node
-        self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
-        self._iterator = None
+    too_few = (
+        "pairs per epoch (of data.concepts); lower train.batch_size or make more pairs with "
+        "`hyperhuman distill edit-pairs`"
+    )
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        for _ in range(2):  # a fresh epoch must yield at least one batch
-            if self._iterator is None:
-                loader = epoch_loader(self.data, self.batch_size, self.seed, self.epoch, self.split_by_node)
-                self._iterator = iter(loader)
-                for _ in range(self.batches_in_epoch):  # resuming: replay what was already trained on
-                    next(self._iterator)
-            try:
-                batch = next(self._iterator)
-                self.batches_in_epoch += 1
-                return batch
-            except StopIteration:
-                self._iterator, self.epoch, self.batches_in_epoch = None, self.epoch + 1, 0
-        raise ConfigError(
-            f"data.train has fewer than train.batch_size={self.batch_size} pairs per epoch (of data.concepts); "
-            "lower train.batch_size or make more pairs with `hyperhuman distill edit-pairs`"
-        )
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+    def loader(self) -> DataLoader:
+        return epoch_loader(self.data, self.batch_size, self.seed, self.epoch, self.split_by_node)
 
 
 def read_pairs(source: str, resolution: int, per_concept: int | None, concepts=None) -> list[dict]:

@@ -60,7 +60,10 @@ def epoch_loader(data: dict, batch_size: int, seed: int, epoch: int, split_by_no
 
 
 class Batches:
-    """Endless batches across epochs, resumable at ``(epoch, batches_in_epoch)``."""
+    """Endless batches across epochs, resumable at ``(epoch, batches_in_epoch)``; subclasses over
+    other data override :meth:`loader` and :attr:`too_few`."""
+
+    too_few = "samples per epoch; lower train.batch_size or add shards"
 
     def __init__(
         self, data: dict, batch_size: int, seed: int, epoch: int = 0, batches_in_epoch: int = 0, split_by_node=True
@@ -75,9 +78,7 @@ class Batches:
     def __next__(self) -> dict:
         for _ in range(2):  # a fresh epoch must yield at least one batch
             if self._iterator is None:
-                self._iterator = iter(
-                    epoch_loader(self.data, self.batch_size, self.seed, self.epoch, self.split_by_node)
-                )
+                self._iterator = iter(self.loader())
                 for _ in range(self.batches_in_epoch):  # resuming: replay what was already trained on
                     next(self._iterator)
             try:
@@ -86,10 +87,11 @@ class Batches:
                 return batch
             except StopIteration:
                 self._iterator, self.epoch, self.batches_in_epoch = None, self.epoch + 1, 0
-        raise ConfigError(
-            f"data.train has fewer than train.batch_size={self.batch_size} samples per epoch; "
-            "lower train.batch_size or add shards"
-        )
+        raise ConfigError(f"data.train has fewer than train.batch_size={self.batch_size} {self.too_few}")
+
+    def loader(self) -> DataLoader:
+        """The current epoch's loader."""
+        return epoch_loader(self.data, self.batch_size, self.seed, self.epoch, self.split_by_node)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
