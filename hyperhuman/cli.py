@@ -326,6 +326,22 @@ def _distill_gan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_gan_concept(args: argparse.Namespace) -> int:
+    from distill.e2gan.concept import train_concept
+
+    config = load_config(args.config, args.overrides)
+    report = train_concept(config, resume=args.resume)
+    if "psnr_db" in report:
+        concept, params = report["concept"], report["params"]
+        print(f"[distill gan-concept] {report['steps']} steps in {report['wall_s']} s (searches "
+              f"{report['search_s']} s); LoRA rank {report['rank']} on {', '.join(report['crucial'])}: "
+              f"{params['adapter']:,} parameters ({params['fraction']:.2%} of the base), "
+              f"{report['output']['bytes']:,} bytes; held-out PSNR "
+              f"{report['psnr_db'][concept]:.2f} dB (base {report['base_psnr_db']:.2f}); "
+              f"adapter {report['output']['adapter']}")  # fmt: skip
+    return 0
+
+
 def _distill_measure(args: argparse.Namespace) -> int:
     from distill.measure import measure
 
@@ -487,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(gan)
     _add_config_options(gan, "distill/gan-tiny")
     gan.set_defaults(func=_distill_gan)
+    concept = stages.add_parser(
+        "gan-concept", help="a new concept on the E2GAN base: LoRA on searched crucial layers and rank, minimal data"
+    )
+    _add_resume_option(concept)
+    _add_config_options(concept, "distill/gan-concept-tiny")
+    concept.set_defaults(func=_distill_gan_concept)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )

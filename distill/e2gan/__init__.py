@@ -10,5 +10,10 @@ One file per job:
 - ``generator.py`` the text-conditioned generator (down → ResNet ×2 → transformer → ResNet → up),
   ``load_generator``;
 - ``discriminator.py`` the PatchGAN;
-- ``train.py``     ``hyperhuman distill gan``: the base GAN on several concepts' pairs.
+- ``train.py``     ``hyperhuman distill gan``: the base GAN on several concepts' pairs;
+- ``lora.py``      LoRA adapters (peft) on the generator's named layers: layer groups, one adapter file
+  per concept, ``load_concept`` / ``use_concept`` (swap) / ``merge_concept`` (export);
+- ``importance.py`` the layer-importance search (crucial groups) and the rank search;
+- ``subset.py``    minimal data: k-means over pair embeddings, one pair per cluster;
+- ``concept.py``   ``hyperhuman distill gan-concept``: a new concept as a LoRA adapter on the base.
 """

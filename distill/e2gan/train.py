@@ -68,6 +68,7 @@ KNOWN_KEYS = {
 ADVERSARIAL = ("lsgan", "hinge")
 PSNR_CLAMP_DB = 100.0  # identical images: infinite PSNR, which JSON cannot hold
 BATCH = 8
+GAN_TERMS = ("l1", "l2", "adversarial", "perceptual", "discriminator")  # what gan_step returns beside the total
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -82,6 +83,16 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     defaults = {name: param.default for name, param in _signature(E2GANGenerator).items()}
     generator = {**defaults, **config["generator"]}
     check_generator_config(generator)
+    concepts = config["data"].get("concepts")
+    if concepts is not None and (not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts)):
+        raise ConfigError(f"data.concepts must be a list of concept names (null: all), got {concepts!r}")
+    check_training_sections(config, 2 ** (generator["num_downsamples"] + 1), check_paths)
+
+
+def check_training_sections(config: dict, factor: int | None, check_paths: bool = True) -> None:
+    """The sections every GAN recipe shares (``discriminator``, ``loss``, ``train``, ``data``,
+    ``validation``), each error naming its key; ``factor``: what ``data.resolution`` must be a multiple of
+    (None: not known yet, a positive integer is enough)."""
     for key, value in (config.get("discriminator") or {}).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"discriminator.{key} must be a positive integer, got {value!r}")
@@ -101,16 +112,13 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     check_train_counts(train)
     if train.get("gradient_checkpointing"):
         raise ConfigError("train.gradient_checkpointing: not supported by the E2GAN generator (too small to need it)")
-    factor = 2 ** (generator["num_downsamples"] + 1)
     resolution = data.get("resolution")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+    least = factor or 1
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < least or resolution % least:
         raise ConfigError(
-            f"data.resolution={resolution!r} must be a positive multiple of {factor} "
+            f"data.resolution={resolution!r} must be a positive multiple of {least} "
             "(2**(generator.num_downsamples + 1))"
         )
-    concepts = data.get("concepts")
-    if concepts is not None and (not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts)):
-        raise ConfigError(f"data.concepts must be a list of concept names (null: all), got {concepts!r}")
     validation = config.get("validation") or {}
     for key, least in (("every", 0), ("num_per_concept", 1)):
         value = validation.get(key, least)
@@ -203,6 +211,51 @@ class PromptStates:
         return (torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts]))
 
 
+def gan_objective(loss_config: dict, device) -> dict:
+    """The ``loss:`` section as :func:`gan_step` uses it: the ``adversarial`` kind, the terms'
+    ``weights``, the ``perceptual`` network (None: off) and a ``perceptual_note`` for the report."""
+    defaults = {"l1_weight": 10.0, "l2_weight": 0.0, "adversarial_weight": 1.0, "perceptual_weight": 0.0}
+    weights = {key: float(loss_config.get(key, default)) for key, default in defaults.items()}
+    perceptual = None
+    if weights["perceptual_weight"]:
+        perceptual = VGGPerceptual(loss_config["perceptual_weights"]).to(device)
+    note = (f"VGG-16 relu3_3 L1 from {loss_config['perceptual_weights']}" if perceptual else
+            "off: no VGG/LPIPS weights given (loss.perceptual_weights null, loss.perceptual_weight 0)")  # fmt: skip
+    return {"adversarial": loss_config.get("adversarial", "lsgan"), "weights": weights, "perceptual": perceptual,
+            "perceptual_note": note}  # fmt: skip
+
+
+def gan_step(accelerator, generator, discriminator, batch: dict, text, objective: dict, max_grad_norm) -> dict:
+    """One micro-step of both players on a batch of pairs; call it inside
+    ``accelerator.accumulate(model, critic)``. ``generator`` and ``discriminator`` are each
+    ``(prepared model, optimizer, lr_scheduler)``; only the generator's trainable parameters move (a
+    LoRA-injected generator trains its adapters alone). Returns the loss terms (tensors): ``loss`` (the
+    generator's total), ``l1``, ``l2``, ``adversarial``, ``perceptual``, ``discriminator``."""
+    model, g_optimizer, g_scheduler = generator
+    critic, d_optimizer, d_scheduler = discriminator
+    weights, kind, perceptual = objective["weights"], objective["adversarial"], objective["perceptual"]
+    inputs, targets = batch["input"].to(accelerator.device), batch["target"].to(accelerator.device)
+    states, mask = text(batch["prompt"])
+    fake = model(inputs, states, mask)
+    # discriminator: real and fake pairs in one forward
+    logits = critic(torch.cat([inputs, inputs]), torch.cat([targets, fake.detach()]))
+    real_logits, fake_logits = logits.chunk(2)
+    d_loss = weights["adversarial_weight"] * discriminator_loss(real_logits, fake_logits, kind)
+    optimizer_step(accelerator, critic, d_optimizer, d_scheduler, d_loss, max_grad_norm)
+    # generator: the discriminator frozen and unwrapped (no data-parallel hooks to wait for)
+    frozen = accelerator.unwrap_model(critic).requires_grad_(False)
+    with accelerator.autocast():
+        adversarial = generator_adversarial_loss(frozen(inputs, fake), kind)
+    frozen.requires_grad_(True)
+    fake32, targets32 = fake.float(), targets.float()
+    l1, l2 = F.l1_loss(fake32, targets32), F.mse_loss(fake32, targets32)
+    seen = perceptual(fake32, targets32) if perceptual is not None else torch.zeros((), device=l1.device)
+    g_loss = weights["l1_weight"] * l1 + weights["l2_weight"] * l2
+    g_loss = g_loss + weights["adversarial_weight"] * adversarial + weights["perceptual_weight"] * seen
+    optimizer_step(accelerator, model, g_optimizer, g_scheduler, g_loss, max_grad_norm)
+    return {"loss": g_loss, "l1": l1, "l2": l2, "adversarial": adversarial, "perceptual": seen, "discriminator": d_loss}
+
+
 # --- measures --------------------------------------------------------------------------------------
 def psnr(mse: float) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), clamped at 100."""
@@ -278,16 +331,10 @@ def train_gan(config: dict, resume: str | None = None) -> dict:
     generator = E2GANGenerator(**config["generator"], text_dim=hidden_size(text_encoder),
                                text_encoder=config["text_encoder"])  # fmt: skip
     discriminator = PatchDiscriminator(**(config.get("discriminator") or {}))
-    kind = loss_config.get("adversarial", "lsgan")
-    defaults = {"l1_weight": 10.0, "l2_weight": 0.0, "adversarial_weight": 1.0, "perceptual_weight": 0.0}
-    weights = {key: float(loss_config.get(key, default)) for key, default in defaults.items()}
-    perceptual = None
-    if weights["perceptual_weight"]:
-        perceptual = VGGPerceptual(loss_config["perceptual_weights"]).to(accelerator.device)
+    objective = gan_objective(loss_config, accelerator.device)
     report = {
-        "adversarial": kind, "weights": weights, "text_encoder": config["text_encoder"],
-        "perceptual": f"VGG-16 relu3_3 L1 from {loss_config['perceptual_weights']}" if perceptual else
-        "off: no VGG/LPIPS weights given (loss.perceptual_weights null, loss.perceptual_weight 0)",
+        "adversarial": objective["adversarial"], "weights": objective["weights"],
+        "text_encoder": config["text_encoder"], "perceptual": objective["perceptual_note"],
         "params": {"generator": _count(generator), "discriminator": _count(discriminator)}, "heldout": [],
     }  # fmt: skip
 
@@ -309,47 +356,30 @@ def train_gan(config: dict, resume: str | None = None) -> dict:
             raise ConfigError(f"{source!r} holds no edit pairs for the held-out PSNR: set validation.heldout")
         report["psnr_on"] = "validation.heldout" if validation.get("heldout") else "data.train (no held-out pairs)"
 
-    names = ("l1", "l2", "adversarial", "perceptual", "discriminator")
-    losses, terms, started = [], {name: [] for name in names}, time.perf_counter()
+    losses, terms, started = [], {name: [] for name in GAN_TERMS}, time.perf_counter()
     model.train()
     critic.train()
     while global_step < train["max_train_steps"]:
         batch = next(batches)
         micro_step += 1
         with accelerator.accumulate(model, critic):
-            inputs, targets = batch["input"].to(accelerator.device), batch["target"].to(accelerator.device)
-            states, mask = text(batch["prompt"])
-            fake = model(inputs, states, mask)
-            # discriminator: real and fake pairs in one forward
-            logits = critic(torch.cat([inputs, inputs]), torch.cat([targets, fake.detach()]))
-            real_logits, fake_logits = logits.chunk(2)
-            d_loss = weights["adversarial_weight"] * discriminator_loss(real_logits, fake_logits, kind)
-            optimizer_step(accelerator, critic, d_optimizer, d_scheduler, d_loss, train.get("max_grad_norm"))
-            # generator: the discriminator frozen and unwrapped (no data-parallel hooks to wait for)
-            frozen = accelerator.unwrap_model(critic).requires_grad_(False)
-            with accelerator.autocast():
-                adversarial = generator_adversarial_loss(frozen(inputs, fake), kind)
-            frozen.requires_grad_(True)
-            fake32, targets32 = fake.float(), targets.float()
-            l1, l2 = F.l1_loss(fake32, targets32), F.mse_loss(fake32, targets32)
-            seen = perceptual(fake32, targets32) if perceptual is not None else torch.zeros((), device=l1.device)
-            g_loss = weights["l1_weight"] * l1 + weights["l2_weight"] * l2
-            g_loss = g_loss + weights["adversarial_weight"] * adversarial + weights["perceptual_weight"] * seen
-            optimizer_step(accelerator, model, g_optimizer, g_scheduler, g_loss, train.get("max_grad_norm"))
+            step = gan_step(accelerator, (model, g_optimizer, g_scheduler), (critic, d_optimizer, d_scheduler), batch,
+                            text, objective, train.get("max_grad_norm"))  # fmt: skip
         if not accelerator.sync_gradients:
             continue
         global_step += 1
         if ema is not None:
             ema.step(model.parameters())
-        losses.append(g_loss.item())
-        for name, value in zip(names, (l1, l2, adversarial, seen, d_loss), strict=True):
-            terms[name].append(value.item())
+        losses.append(step["loss"].item())
+        for name in GAN_TERMS:
+            terms[name].append(step[name].item())
         logs = {"loss": losses[-1], "lr": g_scheduler.get_last_lr()[0]}
         logs.update({f"loss_{name}": values[-1] for name, values in terms.items()})
         accelerator.log(logs, step=global_step)
         if global_step % train.get("log_every", 10) == 0 or global_step == 1:
             accelerator.print(f"[distill gan] step {global_step}/{train['max_train_steps']} G {losses[-1]:.4f} "
-                              f"(l1 {l1.item():.4f}, adv {adversarial.item():.4f}) D {d_loss.item():.4f}")  # fmt: skip
+                              f"(l1 {terms['l1'][-1]:.4f}, adv {terms['adversarial'][-1]:.4f}) "
+                              f"D {terms['discriminator'][-1]:.4f}")  # fmt: skip
         if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if accelerator.is_main_process and validation.get("every") and global_step % validation["every"] == 0:
