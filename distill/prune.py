@@ -447,7 +447,7 @@ def meet_target(masks: dict, cost, target: float) -> int:
                 continue
             mask.weight[index] = THRESHOLD - 1e-3  # just below: a fine-tune would not see it anyway
             kept[name] -= 1
-            predicted -= cost.slopes[name] * mask.group
+            predicted = cost.expected(masks).item()  # not slope · group alone: chained widths couple
             forced += 1
     return forced
 

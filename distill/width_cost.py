@@ -59,22 +59,37 @@ class WidthCost:
     full_widths: dict[str, int]
     slopes: dict[str, float]  # block path → cost per channel of its width
     fit_error: dict[str, float] = field(default_factory=dict)  # block path → max |line − timing| / timing
+    # "a|b" → cost per channel of a per channel of b, for a layer that reads width a and writes width b
+    # (a plain conv net's chained widths, :mod:`distill.e2gan.search`); a UNet's widths are each inside
+    # one block, so it has none
+    couplings: dict[str, float] = field(default_factory=dict)
 
     def predict(self, widths: dict[str, int]) -> float:
         """The cost with the given widths (blocks not named keep their full width)."""
         unknown = sorted(set(widths) - set(self.slopes))
         if unknown:
             raise ValueError(f"widths for blocks this cost model does not know: {unknown[:5]}")
-        return self.full + sum(self.slopes[name] * (widths[name] - self.full_widths[name]) for name in widths)
+        lost = {name: widths[name] - self.full_widths[name] for name in widths}
+        return self.full + sum(self.slopes[name] * channels for name, channels in lost.items()) + self._coupled(lost)
 
     def expected(self, masks: dict) -> torch.Tensor:
         """The cost at the masks' current widths as a differentiable scalar (straight-through: the
-        value is :meth:`predict` of the kept counts, the gradient each block's slope)."""
+        value is :meth:`predict` of the kept counts, the gradient each block's slope, plus its
+        couplings times the other width's change)."""
         unknown = sorted(set(masks) - set(self.slopes))
         if unknown:
             raise ValueError(f"masks on blocks this cost model does not know: {unknown[:5]}")
         lost = {name: mask.kept_channels() - self.full_widths[name] for name, mask in masks.items()}
-        return self.full + sum(self.slopes[name] * channels for name, channels in lost.items())
+        return self.full + sum(self.slopes[name] * channels for name, channels in lost.items()) + self._coupled(lost)
+
+    def _coupled(self, lost: dict):
+        """Σ coupling · (change of a) · (change of b) over the couplings (a width not given: no change)."""
+        total = 0.0
+        for pair, coupling in self.couplings.items():
+            first, second = pair.split("|")
+            if first in lost and second in lost:
+                total = total + coupling * lost[first] * lost[second]
+        return total
 
     def to_json(self) -> dict:
         return {
@@ -83,11 +98,13 @@ class WidthCost:
             "full_widths": self.full_widths,
             "slopes": self.slopes,
             "fit_error": self.fit_error,
+            "couplings": self.couplings,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> WidthCost:
-        return cls(data["unit"], data["full"], data["full_widths"], data["slopes"], data.get("fit_error", {}))
+        return cls(data["unit"], data["full"], data["full_widths"], data["slopes"], data.get("fit_error", {}),
+                   data.get("couplings", {}))  # fmt: skip
 
 
 def fit_cost(

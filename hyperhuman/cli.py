@@ -342,6 +342,31 @@ def _distill_gan_concept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_gan_search(args: argparse.Namespace) -> int:
+    from distill.e2gan.search_train import search_gan
+
+    config = load_config(args.config, args.overrides)
+    report = search_gan(config, resume=args.resume)
+    if "macs" in report:  # absent on every process but the main one
+        ms = report["measured_ms"]
+        print(f"[distill gan-search] {report['macs_ratio']:.2f}x fewer MACs, {report['speedup']:.2f}x faster on "
+              f"{report['runtime']} ({ms['searched']:.2f} vs {ms['full']:.2f} ms a {report['resolution']}² frame); "
+              f"target met: {report['search']['target_met']}; generator in {config['output']}/generator")  # fmt: skip
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from distill.e2gan.edit import edit_media
+
+    report = edit_media(args.model, args.concept, args.input, args.output, runtime=args.runtime, size=args.size,
+                        adapter=args.adapter, calibration_frames=args.calibration_frames)  # fmt: skip
+    print(f"[edit] {report['frames']} frames of {report['concept']!r} at {report['size']}x{report['size']} on "
+          f"{report['runtime']}: {report['fps_model']:.1f} frames/s (model), {report['fps_end_to_end']:.1f} frames/s "
+          f"(end to end), excluding {report['setup_s']:.1f} s of setup (load, export, compile, first frame); "
+          f"in {args.output}")  # fmt: skip
+    return 0
+
+
 def _distill_measure(args: argparse.Namespace) -> int:
     from distill.measure import measure
 
@@ -509,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(concept)
     _add_config_options(concept, "distill/gan-concept-tiny")
     concept.set_defaults(func=_distill_gan_concept)
+    gan_search = stages.add_parser(
+        "gan-search", help="the E2GAN generator's widths searched to a latency target, removed, fine-tuned by KD"
+    )
+    _add_resume_option(gan_search)
+    _add_config_options(gan_search, "distill/gan-search-tiny")
+    gan_search.set_defaults(func=_distill_gan_search)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )
@@ -565,6 +596,23 @@ def build_parser() -> argparse.ArgumentParser:
     run_gallery.add_argument("output", nargs="?", default=None, help="default: RUN/gallery")
     run_gallery.add_argument("--page-size", type=int, default=100, help="samples per page (default: 100)")
     run_gallery.set_defaults(func=_gallery_run)
+
+    edit = commands.add_parser("edit", help="apply an E2GAN concept to a folder of images or a video file (frames/s)")
+    edit.add_argument("--model", required=True, help="a `distill gan` / `distill gan-search` run or a generator folder")
+    edit.add_argument("--concept", required=True, help="a concept of the model's concepts.json (or of --adapter)")
+    edit.add_argument("--input", required=True, help="a folder of images or a video file")
+    edit.add_argument("--output", required=True, help="folder for the edited images or video and edit_report.json")
+    edit.add_argument(
+        "--runtime", default="torch", choices=["torch", "compiled", "int8", "onnx", "onnx-int8"],
+        help="eager fp32, torch.compile, PT2E int8 (compiled), ONNX Runtime fp32 or QDQ int8 (default: torch)",
+    )  # fmt: skip
+    edit.add_argument("--size", type=int, default=256, help="the square side frames are edited at (default: 256)")
+    edit.add_argument("--calibration-frames", type=int, default=8, help="input frames int8 calibrates on (default: 8)")
+    edit.add_argument(
+        "--adapter", default=None,
+        help="a LoRA concept: a folder holding a generator with it merged in, or its adapter file (merged here)",
+    )  # fmt: skip
+    edit.set_defaults(func=_edit)
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on offline defaults (make demo)")
     demo.add_argument("--output", default="demo_output", help="where the demo writes (default: demo_output)")

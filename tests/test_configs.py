@@ -86,6 +86,12 @@ def check_distill_gan_concept(config):
     check_config(config, check_paths=False)
 
 
+def check_distill_gan_search(config):
+    from distill.e2gan.search_train import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_prune(config):
     from distill.prune import check_config
 
@@ -125,6 +131,7 @@ CHECKS = {
     "distill/vae-decoder": check_distill_vae_decoder,
     "distill/edit-pairs": check_distill_edit_pairs,
     "distill/gan-concept": check_distill_gan_concept,  # before "distill/gan", which it starts with
+    "distill/gan-search": check_distill_gan_search,  # the same
     "distill/gan": check_distill_gan,
     "prune/": check_prune,
     "quantize/ptq": check_quantize_ptq,
@@ -154,6 +161,7 @@ def test_every_config_passes_its_recipes_own_checks(name):
 def recipe_schemas():
     from distill.e2gan.concept import KNOWN_KEYS as DISTILL_GAN_CONCEPT
     from distill.e2gan.pairs import KNOWN_KEYS as DISTILL_EDIT_PAIRS
+    from distill.e2gan.search_train import KNOWN_KEYS as DISTILL_GAN_SEARCH
     from distill.e2gan.train import KNOWN_KEYS as DISTILL_GAN
     from distill.kd import KNOWN_KEYS as DISTILL_UNET
     from distill.quant.qat import KNOWN_KEYS as QUANTIZE_QAT
@@ -176,6 +184,7 @@ def recipe_schemas():
         "distill/edit-pairs-tiny": DISTILL_EDIT_PAIRS,
         "distill/gan-tiny": DISTILL_GAN,
         "distill/gan-concept-tiny": DISTILL_GAN_CONCEPT,
+        "distill/gan-search-tiny": DISTILL_GAN_SEARCH,
         "quantize/ptq-tiny": QUANTIZE_PTQ,
         "quantize/qat-tiny": QUANTIZE_QAT,
     }
@@ -183,7 +192,7 @@ def recipe_schemas():
 
 RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
                   "distill/vae-decoder-tiny", "quantize/ptq-tiny", "quantize/qat-tiny", "distill/edit-pairs-tiny",
-                  "distill/gan-tiny", "distill/gan-concept-tiny"]  # fmt: skip
+                  "distill/gan-tiny", "distill/gan-concept-tiny", "distill/gan-search-tiny"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)

@@ -15,5 +15,11 @@ One file per job:
   per concept, ``load_concept`` / ``use_concept`` (swap) / ``merge_concept`` (export);
 - ``importance.py`` the layer-importance search (crucial groups) and the rank search;
 - ``subset.py``    minimal data: k-means over pair embeddings, one pair per cluster;
-- ``concept.py``   ``hyperhuman distill gan-concept``: a new concept as a LoRA adapter on the base.
+- ``concept.py``   ``hyperhuman distill gan-concept``: a new concept as a LoRA adapter on the base;
+- ``search.py``    the generator's widths: PaS masks, their exact removal, the latency cost of chained
+  widths (:class:`distill.width_cost.WidthCost` with couplings), the search;
+- ``search_train.py`` ``hyperhuman distill gan-search``: search to a latency target, removal, KD fine-tune;
+- ``deploy.py``    one concept baked into an editor of the image alone: torch, compiled, PT2E int8,
+  ONNX Runtime fp32 / QDQ int8;
+- ``edit.py``      ``hyperhuman edit``: a concept applied to a folder of images or a video, frames/s.
 """

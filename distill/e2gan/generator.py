@@ -34,11 +34,12 @@ def _norm(channels: int) -> nn.Module:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, inner: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm1 = _norm(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        inner = inner or channels  # conv1's outputs, conv2's inputs: what a width search narrows
+        self.conv1 = nn.Conv2d(channels, inner, 3, padding=1)
+        self.norm1 = _norm(inner)
+        self.conv2 = nn.Conv2d(inner, channels, 3, padding=1)
         self.norm2 = _norm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,32 +49,35 @@ class ResnetBlock(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with separate ``to_q/to_k/to_v/to_out`` linears (diffusers' names, so
-    LoRA target lists written for diffusers' attention apply)."""
+    LoRA target lists written for diffusers' attention apply). ``head_dim`` defaults to ``dim / heads``;
+    a width search keeps it and drops whole heads."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        inner = heads * (head_dim or dim // heads)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, length, dim = x.shape
+        batch, length, _ = x.shape
 
-        def split(t):  # (B, L, D) → (B, heads, L, D / heads)
-            return t.reshape(batch, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+        def split(t):  # (B, L, heads · head_dim) → (B, heads, L, head_dim)
+            return t.reshape(batch, t.shape[1], self.heads, -1).transpose(1, 2)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int):
+    def __init__(self, dim: int, mult: int, inner: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim * mult)
-        self.fc2 = nn.Linear(dim * mult, dim)
+        inner = inner or dim * mult
+        self.fc1 = nn.Linear(dim, inner)
+        self.fc2 = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -81,17 +85,19 @@ class FeedForward(nn.Module):
 
 class TransformerStage(nn.Module):
     """Down-sample, one transformer block (self-attention, text cross-attention, MLP; pre-norm,
-    residual), up-sample, added to the stage's input."""
+    residual), up-sample, added to the stage's input. ``widths``: the attentions' and the MLP's inner
+    widths where a width search narrowed them (``attn1``, ``attn2``, ``ff``; whole heads)."""
 
-    def __init__(self, channels: int, text_dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, channels: int, text_dim: int, heads: int, mlp_ratio: int, widths: dict | None = None):
         super().__init__()
+        widths, head_dim = widths or {}, channels // heads
         self.conv_down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
         self.norm1 = nn.LayerNorm(channels)
-        self.attn1 = Attention(channels, channels, heads)
+        self.attn1 = Attention(channels, channels, widths.get("attn1", channels) // head_dim, head_dim)
         self.norm2 = nn.LayerNorm(channels)
-        self.attn2 = Attention(channels, text_dim, heads)
+        self.attn2 = Attention(channels, text_dim, widths.get("attn2", channels) // head_dim, head_dim)
         self.norm3 = nn.LayerNorm(channels)
-        self.ff = FeedForward(channels, mlp_ratio)
+        self.ff = FeedForward(channels, mlp_ratio, widths.get("ff"))
         self.conv_up = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +144,9 @@ class E2GANGenerator(ModelMixin, ConfigMixin):
     or path, kept so a loaded generator says which encoder it was trained with. ``input_skip``: the
     output is ``tanh(conv_out(h) + atanh(image))``, so the network learns the change an edit makes
     and starts near the identity (most edits keep most of the photo); False: ``tanh(conv_out(h))``,
-    pix2pix's plain output.
+    pix2pix's plain output. ``widths``: the inner widths a width search
+    (:mod:`distill.e2gan.search`) narrowed, by the names :func:`full_widths` gives (None: all full);
+    the layers are built at those widths, so a searched generator saves and loads as any other.
     """
 
     @register_to_config
@@ -155,17 +163,24 @@ class E2GANGenerator(ModelMixin, ConfigMixin):
         text_dim: int = 384,
         text_encoder: str | None = "minilm",
         input_skip: bool = True,
+        widths: dict[str, int] | None = None,
     ):
         super().__init__()
         check_generator_config(dict(self.config))
-        channels = [base_channels * 2**i for i in range(num_downsamples + 1)]
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 7, padding=3)
-        self.norm_in = _norm(channels[0])
-        self.down_blocks = nn.ModuleList(DownBlock(channels[i], channels[i + 1]) for i in range(num_downsamples))
-        self.res_blocks = nn.ModuleList(ResnetBlock(channels[-1]) for _ in range(num_res_blocks))
-        self.transformer = TransformerStage(channels[-1], text_dim, attention_heads, mlp_ratio)
-        self.up_blocks = nn.ModuleList(UpBlock(channels[i + 1], channels[i]) for i in reversed(range(num_downsamples)))
-        self.conv_out = nn.Conv2d(channels[0], out_channels, 7, padding=3)
+        width = {**full_widths(dict(self.config)), **(widths or {})}
+        trunk = base_channels * 2**num_downsamples
+        # the encoder's outputs: conv_in's, then each down-sampling's, the last at the trunk's width
+        encoder = [width[f"down_blocks.{i}"] for i in range(num_downsamples - 1)] + [trunk]
+        encoder = [width["conv_in"], *encoder] if num_downsamples else encoder
+        decoder = [trunk, *(width[f"up_blocks.{j}"] for j in range(num_downsamples))]  # the up-samplings' inputs
+        self.conv_in = nn.Conv2d(in_channels, encoder[0], 7, padding=3)
+        self.norm_in = _norm(encoder[0])
+        self.down_blocks = nn.ModuleList(DownBlock(encoder[i], encoder[i + 1]) for i in range(num_downsamples))
+        self.res_blocks = nn.ModuleList(ResnetBlock(trunk, width[f"res_blocks.{k}"]) for k in range(num_res_blocks))
+        inner = {name: width[f"transformer.{name}"] for name in ("attn1", "attn2", "ff")}
+        self.transformer = TransformerStage(trunk, text_dim, attention_heads, mlp_ratio, inner)
+        self.up_blocks = nn.ModuleList(UpBlock(decoder[j], decoder[j + 1]) for j in range(num_downsamples))
+        self.conv_out = nn.Conv2d(decoder[-1], out_channels, 7, padding=3)
 
     @property
     def factor(self) -> int:
@@ -201,6 +216,25 @@ class E2GANGenerator(ModelMixin, ConfigMixin):
         return torch.tanh(out)
 
 
+def full_widths(config: dict) -> dict[str, int]:
+    """The generator's inner widths a search may narrow, unnarrowed, by name: the tensor each layer
+    named here writes and only the next layer reads. ``conv_in`` and ``down_blocks.I`` (all but the
+    last down-sampling, whose output is the trunk), each ResNet block's inner width
+    (``res_blocks.K``: conv1's outputs), the transformer's attentions (``transformer.attn1`` /
+    ``attn2``: heads × head size) and MLP (``transformer.ff``), each up-sampling's output
+    (``up_blocks.J``). The trunk's width stays: residuals and LayerNorms span it."""
+    base, downs = config["base_channels"], config["num_downsamples"]
+    trunk = base * 2**downs
+    widths = {"conv_in": base} if downs else {}
+    widths.update({f"down_blocks.{i}": base * 2 ** (i + 1) for i in range(downs - 1)})
+    widths.update({f"res_blocks.{k}": trunk for k in range(config["num_res_blocks"])})
+    widths.update(
+        {"transformer.attn1": trunk, "transformer.attn2": trunk, "transformer.ff": trunk * config["mlp_ratio"]}
+    )
+    widths.update({f"up_blocks.{j}": base * 2 ** (downs - 1 - j) for j in range(downs)})
+    return widths
+
+
 def check_generator_config(config: dict) -> None:
     """The generator's arguments, each error naming ``generator.KEY`` (its key in the GAN config)."""
     for key, least in (("in_channels", 1), ("out_channels", 1), ("base_channels", 1), ("num_downsamples", 0),
@@ -222,6 +256,27 @@ def check_generator_config(config: dict) -> None:
             f"generator.attention_heads={config['attention_heads']} does not divide the transformer's width {width} "
             "(base_channels · 2**num_downsamples)"
         )
+    check_widths(config)
+
+
+def check_widths(config: dict) -> None:
+    """``generator.widths``: names of :func:`full_widths`, each a positive width no wider than the
+    full one (the attentions' in whole heads)."""
+    widths = config.get("widths")
+    if widths is None:
+        return
+    if not isinstance(widths, dict):
+        raise ConfigError(f"generator.widths must be a mapping of layer name → width (null: all full), got {widths!r}")
+    full = full_widths(config)
+    head = config["base_channels"] * 2 ** config["num_downsamples"] // config["attention_heads"]
+    for name, value in widths.items():
+        if name not in full:
+            raise ConfigError(f"generator.widths.{name}: no such width; the generator's are {sorted(full)}")
+        group = head if name.startswith("transformer.attn") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= full[name] or value % group:
+            raise ConfigError(
+                f"generator.widths.{name}={value!r} must be a positive multiple of {group} and at most {full[name]}"
+            )
 
 
 def load_generator(path: str, device: str | torch.device = "cpu") -> E2GANGenerator:
