@@ -62,7 +62,7 @@ KNOWN_KEYS = {
     "data": DATA_KEYS,
     "subset": dict.fromkeys(["size", "features"]),
     "lora": dict.fromkeys(["alpha_ratio"]),
-    "search": dict.fromkeys(["steps", "learning_rate", "batch_size", "max_pairs"]),
+    "search": dict.fromkeys(["steps", "learning_rate", "batch_size", "max_pairs", "heldout", "heldout_num"]),
     "importance": dict.fromkeys(["groups", "rank", "budget", "min_gain_db", "crucial"]),
     "rank_search": dict.fromkeys(["ranks", "tolerance_db", "rank"]),
     "discriminator": dict.fromkeys(["base_channels", "num_layers"]),
@@ -150,8 +150,11 @@ def _check_base(config: dict) -> int:
 
 
 # --- the searches ----------------------------------------------------------------------------------
-def run_searches(config: dict, base, text: PromptStates, heldout: list[dict], folder: Path, log) -> None:
-    """The subset, the layer-importance ranking and the rank search, each written to ``folder``."""
+def run_searches(config: dict, base, text: PromptStates, folder: Path, log) -> None:
+    """The subset, the layer-importance ranking and the rank search, each written to ``folder``. The
+    probes are scored on ``search.heldout`` (default: the concept's training pairs), never on the
+    report's ``validation.heldout`` unless named: what chooses the layers and the rank must not be
+    what judges them."""
     from distill.e2gan.data import PairTransform, read_pairs
     from distill.e2gan.importance import generator_probe, pick_crucial, rank_groups, search_ranks
     from distill.e2gan.lora import count_weights, layer_groups
@@ -170,7 +173,12 @@ def run_searches(config: dict, base, text: PromptStates, heldout: list[dict], fo
         pairs = read_pairs(data["train"], data["resolution"], (config.get("search") or {}).get("max_pairs", 32),
                            [concept])  # fmt: skip
     (folder / "subset.json").write_text(json.dumps(subset, indent=1))
-    probe = generator_probe(config, base, text, pairs, heldout)
+    search = config.get("search") or {}
+    scored_on = search.get("heldout") or data["train"]
+    scoring = read_pairs(str(scored_on), data["resolution"], search.get("heldout_num", 16), [concept])
+    if not scoring:
+        raise ConfigError(f"search.heldout={scored_on!r} holds no pairs of concept={concept!r}: name pair shards of it")
+    probe = generator_probe(config, base, text, pairs, scoring)
 
     groups = layer_groups(base)
     if importance.get("crucial"):
@@ -182,7 +190,7 @@ def run_searches(config: dict, base, text: PromptStates, heldout: list[dict], fo
         budget = int(importance.get("budget", 0.01) * count_weights(base))
         crucial = pick_crucial(ranking["groups"], budget, importance.get("min_gain_db", 0.0))
         ranking.update(budget_params=budget, generator_params=count_weights(base), probe_pairs=len(pairs))
-    ranking["crucial"] = crucial
+    ranking.update(crucial=crucial, scored_on=str(scored_on))
     (folder / "importance.json").write_text(json.dumps(ranking, indent=1))
     targets = [module for name in crucial for module in groups[name]]
     if ranks.get("rank"):
@@ -230,7 +238,7 @@ def train_concept(config: dict, resume: str | None = None) -> dict:
     if reuse:
         accelerator.print(f"[distill gan-concept] resuming: the subset, crucial groups and rank of {folder}")
     elif accelerator.is_main_process:
-        run_searches(config, base, text, heldout, folder, accelerator.print)
+        run_searches(config, base, text, folder, accelerator.print)
     accelerator.wait_for_everyone()
     searched = read_searches(folder)
     search_s = round(time.perf_counter() - started, 2)

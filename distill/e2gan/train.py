@@ -58,6 +58,7 @@ KNOWN_KEYS = {
     "output": None,
     "seed": None,
     "text_encoder": None,
+    "init": None,
     "generator": dict.fromkeys(GENERATOR_KEYS),
     "discriminator": dict.fromkeys(["base_channels", "num_layers"]),
     "data": {**DATA_KEYS, "concepts": None},
@@ -328,8 +329,11 @@ def train_gan(config: dict, resume: str | None = None) -> dict:
     text_encoder.to(accelerator.device)
     text = PromptStates(tokenizer, text_encoder, accelerator.device)
     torch.manual_seed(seed)  # the initial weights
-    generator = E2GANGenerator(**config["generator"], text_dim=hidden_size(text_encoder),
-                               text_encoder=config["text_encoder"])  # fmt: skip
+    if config.get("init"):  # a fine-tune: every weight of an earlier generator trained on these pairs
+        generator = init_generator(config["init"], config["text_encoder"]).requires_grad_(True)
+    else:
+        generator = E2GANGenerator(**config["generator"], text_dim=hidden_size(text_encoder),
+                                   text_encoder=config["text_encoder"])  # fmt: skip
     discriminator = PatchDiscriminator(**(config.get("discriminator") or {}))
     objective = gan_objective(loss_config, accelerator.device)
     report = {
@@ -406,6 +410,20 @@ def train_gan(config: dict, resume: str | None = None) -> dict:
         (output / "train_report.json").write_text(json.dumps(report, indent=1))
     accelerator.end_training()
     return report
+
+
+def init_generator(path: str, text_encoder: str):
+    """The generator ``init`` names (its architecture replaces the ``generator`` section), refused when
+    it was trained with another text encoder than the one this run conditions on."""
+    from distill.e2gan.generator import load_generator
+
+    generator = load_generator(path)
+    if generator.config.text_encoder != text_encoder:
+        raise ConfigError(
+            f"init={path!r} was trained with text_encoder={generator.config.text_encoder!r}, this run uses "
+            f"{text_encoder!r}: set text_encoder to the generator's"
+        )
+    return generator
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -253,3 +253,19 @@ def test_bad_configs_fail_at_start_naming_the_key(change, message, pairs, text_e
     with pytest.raises(ConfigError, match=message):
         check_config(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_fine_tunes_the_generator_init_names(pairs, text_encoder_path, tmp_path):
+    short = {"max_train_steps": 2, "checkpointing_steps": 2}
+    train_gan(gan_config(tmp_path / "base", pairs, text_encoder_path, **short))
+    config = gan_config(tmp_path / "tuned", pairs, text_encoder_path, learning_rate=0.0, **short)
+    config["init"] = str(tmp_path / "base")
+    config["generator"] = {**TINY, "base_channels": TINY["base_channels"] * 2}  # init's architecture wins
+    train_gan(config)
+    base = load_file(tmp_path / "base" / "generator" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "generator" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == tuned.keys() and all(torch.equal(value, tuned[name]) for name, value in base.items())
+
+    config.update(output=str(tmp_path / "other"), text_encoder="minilm")
+    with pytest.raises(ConfigError, match="init=.*text_encoder"):
+        train_gan(config)

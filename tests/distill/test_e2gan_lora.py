@@ -265,6 +265,7 @@ def test_gan_concept_searches_trains_an_adapter_and_resumes_exactly(pairs, text_
     importance = json.loads((output / "search" / "importance.json").read_text())
     assert [row["group"] for row in importance["groups"]] != [] and len(importance["groups"]) == 3
     assert importance["crucial"] == report["crucial"] and importance["crucial"][0] == importance["groups"][0]["group"]
+    assert importance["scored_on"] == str(pairs / "train")  # the probes never see the report's held-out pairs
     ranks = json.loads((output / "search" / "ranks.json").read_text())
     assert [row["rank"] for row in ranks["ranks"]] == [1, 2, 4] and ranks["chosen"] == report["rank"]
 
