@@ -9,6 +9,13 @@ Multi-process (``accelerate launch --num_processes N``): every process calls :fu
 (the data positions are gathered), the main process alone writes the checkpoint; each process reads
 its own shards (``split_by_node``) and resumes at its own position. :func:`weights_digest` lets a
 recipe check at the end that every process holds the same weights.
+
+SpFDE (``train.efficiency``: sparse masks, progressive freezing, data sieving; :mod:`hyperhuman.efficiency`)
+is an option of this machinery: :func:`make_efficiency` builds it (``None`` when off, and then every
+function here behaves exactly as without it), :func:`prepare_for_training` puts its state (masks,
+frozen units, FLOP ledger) into the checkpoints, :func:`data_stream` sieves the recipe's batches (the
+sieve's pool and scores travel with each process's data position) and :func:`optimizer_step` runs its
+hooks around the optimizer step. Recipes import that API from here, with the rest of the machinery.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import PIL.Image
 import torch
 
 from hyperhuman.config import ConfigError
+from hyperhuman.efficiency import EFFICIENCY_KEYS, check_efficiency, efficiency_on, make_efficiency  # noqa: F401
 
 STATE_FILE = "trainer_state.json"
 
@@ -152,6 +160,8 @@ def make_accelerator(train: dict, output: Path, find_unused_parameters: bool = F
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    # Freezing takes parameters out of the backward mid-run; DDP must look for the unused ones.
+    find_unused_parameters = find_unused_parameters or efficiency_on(train, "freezing")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(
         gradient_accumulation_steps=train.get("gradient_accumulation_steps", 1),
@@ -162,11 +172,12 @@ def make_accelerator(train: dict, output: Path, find_unused_parameters: bool = F
     )
 
 
-def prepare_for_training(accelerator, model, train: dict, param_groups: list[dict] | None = None):
+def prepare_for_training(accelerator, model, train: dict, param_groups: list[dict] | None = None, efficiency=None):
     """AdamW and its LR schedule over ``model`` (or over ``param_groups``, torch's optimizer groups
     with their own options, e.g. a learning rate of their own), an EMA copy when ``train.ema.use``
     (registered so checkpoints hold it), all prepared by accelerate: ``(model, optimizer,
-    lr_scheduler, ema)``."""
+    lr_scheduler, ema)``. ``efficiency`` (:func:`make_efficiency`) is registered for the checkpoints
+    too, after the EMA, and given the optimizer."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -192,9 +203,13 @@ def prepare_for_training(accelerator, model, train: dict, param_groups: list[dic
             model_config=model.config,
         )
         accelerator.register_for_checkpointing(ema)
+    if efficiency is not None:
+        accelerator.register_for_checkpointing(efficiency)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
+    if efficiency is not None:
+        efficiency.attach(accelerator, optimizer)
     return model, optimizer, lr_scheduler, ema
 
 
@@ -220,10 +235,11 @@ def restore(accelerator, output: Path, resume: str | None, command: str) -> dict
     accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / STATE_FILE).read_text())
     positions = state.pop("data_per_process", None) or [state.get("data")]
+    sieves = [p.pop("sieve", None) if isinstance(p, dict) else None for p in positions]  # a sieving run's part
     if len(positions) == accelerator.num_processes:
-        state["data"] = positions[accelerator.process_index]
+        state["data"], state["sieve"] = positions[accelerator.process_index], sieves[accelerator.process_index]
     else:  # another process count splits the shards differently: the stream cannot continue exactly
-        state["data"] = positions[0]
+        state["data"], state["sieve"] = positions[0], sieves[0]
         accelerator.print(
             f"[{command}] WARNING: {checkpoint} was written by {len(positions)} process(es), this run has "
             f"{accelerator.num_processes}: each process continues at process 0's data position, not exactly"
@@ -232,11 +248,28 @@ def restore(accelerator, output: Path, resume: str | None, command: str) -> dict
     return state
 
 
-def optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, max_grad_norm: float | None) -> None:
-    """Backward, clip on the synchronising micro-step, step the optimizer and the LR schedule."""
+def data_stream(make_stream, state: dict, efficiency=None):
+    """The recipe's batch stream at the restored position: ``make_stream(state["data"])``, or with
+    sieving on, that stream wrapped in the sieve (which may rebuild it at an earlier position to
+    replay the samples it had waiting; ``make_stream`` takes any position the stream's ``state()``
+    gave)."""
+    if efficiency is None:
+        return make_stream(state["data"])
+    return efficiency.data_stream(make_stream, state)
+
+
+def optimizer_step(
+    accelerator, model, optimizer, lr_scheduler, loss, max_grad_norm: float | None, efficiency=None
+) -> None:
+    """Backward, clip on the synchronising micro-step, step the optimizer and the LR schedule;
+    ``efficiency``'s hooks mask the gradients before the clipping and the weights after the step."""
     accelerator.backward(loss)
+    if efficiency is not None:
+        efficiency.before_optimizer_step(accelerator)
     if accelerator.sync_gradients and max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    if efficiency is not None:
+        efficiency.after_optimizer_step(accelerator)
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -35,12 +35,16 @@ from hyperhuman.lsdm.pipeline import SCHEDULER_DEFAULTS, HyperHumanPipeline, mak
 from hyperhuman.skeleton import RENDERER_VERSION
 from hyperhuman.training import (
     DATA_KEYS,
+    EFFICIENCY_KEYS,
     TRAIN_KEYS,
     VALIDATION_KEYS,
+    check_efficiency,
     check_processes_agree,
     check_train_counts,
+    data_stream,
     image_grid,
     make_accelerator,
+    make_efficiency,
     optimizer_step,
     prepare_for_training,
     restore,
@@ -67,7 +71,11 @@ KNOWN_KEYS = {
         ]
     ),  # fmt: skip
     "scheduler": dict.fromkeys(SCHEDULER_DEFAULTS),
-    "train": {**TRAIN_KEYS, **dict.fromkeys(["condition_dropout", "pose_dropout", "loss_weights"])},
+    "train": {
+        **TRAIN_KEYS,
+        **dict.fromkeys(["condition_dropout", "pose_dropout", "loss_weights"]),
+        "efficiency": EFFICIENCY_KEYS,  # SpFDE: sparse masks, freezing, data sieving (hyperhuman.efficiency)
+    },
     "validation": VALIDATION_KEYS,
 }
 
@@ -97,6 +105,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     if not model.get("pretrained_unet") and not model.get("unet"):
         raise ConfigError("set model.pretrained_unet (an SD-style UNet directory) or model.unet (an architecture)")
     check_train_counts(train)
+    check_efficiency(train)
     if data.get("cache_latents") and (data.get("random_crop", True) or data.get("flip_prob", 0.5)):
         raise ConfigError(
             "data.cache_latents needs fixed crops: set data.random_crop=false and data.flip_prob=0 "
@@ -212,12 +221,24 @@ def branch_losses(prediction: torch.Tensor, targets: list[torch.Tensor]) -> list
     return [F.mse_loss(p.float(), t.float()) for p, t in zip(chunks, targets, strict=True)]
 
 
+@torch.no_grad()
+def sample_losses(prediction: torch.Tensor, targets: list[torch.Tensor], weights) -> torch.Tensor:
+    """Each sample's weighted sum of branch MSEs ``(B,)``, detached: data sieving's scores."""
+    chunks = prediction.chunk(len(targets), dim=1)
+    return sum(
+        w * (p.float() - t.float()).square().flatten(1).mean(1)
+        for w, p, t in zip(weights, chunks, targets, strict=True)
+    )
+
+
 def v_prediction_loss(model, scheduler, latents: dict, names, states, mask, pose_latent, generator, weights):
-    """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches."""
+    """Sum over branches of MSE(v̂, v), one timestep per sample shared by all branches; also each
+    branch's loss and each sample's (detached)."""
     noisy, targets, timesteps = noisy_latents(scheduler, latents, names, generator)
     prediction = model(noisy, timesteps, states, pose_latent=pose_latent, encoder_attention_mask=mask)
     losses = branch_losses(prediction.sample, targets)
-    return sum(w * loss for w, loss in zip(weights, losses, strict=True)), [loss.item() for loss in losses]
+    total = sum(w * loss for w, loss in zip(weights, losses, strict=True))
+    return total, [loss.item() for loss in losses], sample_losses(prediction.sample, targets, weights)
 
 
 def drop_conditions(states, mask, pose_latent, empty_states, empty_mask, text_dropout, pose_dropout, generator):
@@ -265,10 +286,11 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         model.enable_gradient_checkpointing()
     noise_scheduler = make_scheduler(**config.get("scheduler", {}))
 
-    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, model, train)
+    efficiency = make_efficiency(train, model, seed)  # None unless train.efficiency turns a part on
+    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, model, train, efficiency=efficiency)
     state = restore(accelerator, output, resume, "train-lsdm")
     global_step, micro_step = state["global_step"], state["micro_step"]
-    batches = Batches(data, train["batch_size"], seed, **state["data"])
+    batches = data_stream(lambda position: Batches(data, train["batch_size"], seed, **position), state, efficiency)
 
     empty_states, empty_mask = encode_prompts(tokenizer, text_encoder, [""], accelerator.device)
     weights = train.get("loss_weights") or [1.0] * len(names)
@@ -293,10 +315,12 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
             states, mask, pose_latent = drop_conditions(
                 states, mask, latents["pose"], empty_states, empty_mask, text_dropout, pose_dropout, generator
             )
-            loss, branch_losses = v_prediction_loss(
+            loss, branch_losses, per_sample = v_prediction_loss(
                 model, noise_scheduler, latents, names, states, mask, pose_latent, generator, weights
             )
-            optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"))
+            if efficiency is not None:
+                efficiency.record_losses(batch["key"], per_sample)
+            optimizer_step(accelerator, model, optimizer, lr_scheduler, loss, train.get("max_grad_norm"), efficiency)
         if not accelerator.sync_gradients:
             continue
         global_step += 1
@@ -311,7 +335,9 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
         if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if validation_batch is not None and global_step % validation["every"] == 0:
-            pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}))
+            pipeline = make_pipeline(
+                accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}), efficiency
+            )
             run_validation(accelerator, pipeline, validation, validation_batch, output, global_step)
 
     accelerator.wait_for_everyone()
@@ -319,8 +345,12 @@ def train_lsdm(config: dict, resume: str | None = None) -> dict:
     report["weights_sha256_per_process"] = check_processes_agree(
         accelerator, accelerator.unwrap_model(model), "train-lsdm"
     )
+    if efficiency is not None:
+        report["efficiency"] = efficiency.report(accelerator.num_processes)
     if accelerator.is_main_process:
-        pipeline = make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}))
+        pipeline = make_pipeline(
+            accelerator, model, ema, vae, tokenizer, text_encoder, config.get("scheduler", {}), efficiency
+        )
         pipeline.save_pretrained(output / "pipeline")
         if losses:
             report.update(first_loss=losses[0], last_loss=losses[-1])
@@ -341,14 +371,18 @@ def cached_latents(cache, batch, vae, model, names, generator) -> dict:
     return {name: torch.stack([cache[key][name] for key in batch["key"]]) for name in [*names, "pose"]}
 
 
-def make_pipeline(accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config: dict) -> HyperHumanPipeline:
-    """A pipeline over a copy of the trained weights (the EMA weights when EMA is on) with the
-    run's noise schedule (the ``scheduler:`` section)."""
+def make_pipeline(
+    accelerator, model, ema, vae, tokenizer, text_encoder, scheduler_config: dict, efficiency=None
+) -> HyperHumanPipeline:
+    """A pipeline over a copy of the trained weights (the EMA weights when EMA is on, pruned by the
+    sparse masks when sparsity is on) with the run's noise schedule (the ``scheduler:`` section)."""
     unwrapped = accelerator.unwrap_model(model)
     unet = LatentStructuralUNet.from_config(unwrapped.config)
     unet.load_state_dict(unwrapped.state_dict())
     if ema is not None:
         ema.copy_to(unet.parameters())
+    if efficiency is not None:
+        efficiency.apply_masks(unet)
     unet.to(vae.device, vae.dtype).eval()
     return HyperHumanPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(**scheduler_config)
