@@ -49,7 +49,7 @@ def denoiser_section(
     name: str, run: Path, teacher_paths: dict, work_dir: Path, args, compare_calibration=False, decoder=False
 ):
     from distill.latency import alternating_ms, runner
-    from distill.measure import HeldOut, load_pipeline, sample_psnr, step_inputs, v_loss
+    from distill.measure import HeldOut, load_pipeline, reference_samples, sample_psnr, step_inputs, v_loss
     from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq, rebatched
     from distill.quant.ptq import QuantizedDenoiser, canonical_call, compiled, quantize_int8, with_denoiser
 
@@ -110,6 +110,8 @@ def denoiser_section(
         "ORT int8": with_denoiser(pipeline, QuantizedDenoiser(runtimes["ORT int8"], unet)),
     }
     scorers, scored_as = {**timed, **simulated}, {"int8 compiled": "int8 (spread)"}  # the same program
+    sampling = {"steps": args.psnr_steps, "guidance_scale": GUIDANCE, "num": args.psnr_num, "batch_size": 1}
+    fp32_samples = reference_samples(pipeline, heldout, **sampling)  # once, for every runtime's PSNR
     v_losses = {"fp32": v_loss(pipeline, heldout)["v_loss"]}
     quality = {"fp32": {"v_loss": v_losses["fp32"]}}
     for key, sampler in {**timed, **(simulated if compare_calibration else {})}.items():
@@ -119,8 +121,7 @@ def denoiser_section(
         quality[key] = {
             "v_loss": v_losses[scorer],
             # batch 1: every guided call is the timed step's batch of 2, so nothing recompiles
-            "psnr": sample_psnr(sampler, pipeline, heldout, steps=args.psnr_steps, guidance_scale=GUIDANCE,
-                                num=args.psnr_num, batch_size=1),
+            "psnr": sample_psnr(sampler, pipeline, heldout, **sampling, reference_outputs=fp32_samples),
         }  # fmt: skip
     times["quality_s"] = time.perf_counter() - stage
     decoded = decoder_section(pipeline.vae, spread.decoder_inputs, work_dir, args) if decoder else None

@@ -282,12 +282,15 @@ def sample_psnr(
     seed: int = 0,
     num: int | None = None,
     batch_size: int = 8,
+    reference_outputs: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """PSNR (dB) between ``pipeline``'s and ``reference``'s samples of the held-out captions and poses
     from the same initial noise, per modality both have: ``rgb`` and ``depth`` on [0, 1], ``normal``
     mapped by ``(n + 1) / 2`` to [0, 1]. PSNR is taken over the pooled squared error of all samples
     and clamped at 100 dB (identical outputs: infinity, which JSON cannot hold). ``num``: only the
-    first ``num`` held-out samples."""
+    first ``num`` held-out samples. ``reference_outputs``: the reference's samples as
+    :func:`reference_samples` gave them with the same settings (scoring several models against one
+    reference samples it once)."""
     count = len(heldout) if num is None else min(num, len(heldout))
     channels = pipeline.unet.config.latent_channels
     if reference.unet.config.latent_channels != channels:
@@ -297,9 +300,26 @@ def sample_psnr(
         )
     noise = initial_noise(heldout, channels, count, seed)
     ours = sample_outputs(pipeline, heldout, noise, steps, guidance_scale, batch_size, seed)
-    theirs = sample_outputs(reference, heldout, noise, steps, guidance_scale, batch_size, seed)
+    if reference_outputs is None:
+        reference_outputs = sample_outputs(reference, heldout, noise, steps, guidance_scale, batch_size, seed)
+    theirs = reference_outputs
     shared = [name for name in ours if name in theirs]
     return {name: psnr(unit_range(name, ours[name]), unit_range(name, theirs[name])) for name in shared}
+
+
+def reference_samples(
+    reference: HyperHumanPipeline,
+    heldout: HeldOut,
+    steps: int = 8,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    num: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, np.ndarray]:
+    """The reference's samples :func:`sample_psnr` compares against, for its ``reference_outputs``."""
+    count = len(heldout) if num is None else min(num, len(heldout))
+    noise = initial_noise(heldout, reference.unet.config.latent_channels, count, seed)
+    return sample_outputs(reference, heldout, noise, steps, guidance_scale, batch_size, seed)
 
 
 def unit_range(name: str, output: np.ndarray) -> np.ndarray:

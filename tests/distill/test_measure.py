@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import torch
 
-from distill.measure import HeldOut, load_pipeline, measure, sample_psnr, v_loss
+from distill.measure import HeldOut, load_pipeline, measure, reference_samples, sample_psnr, v_loss
 from hyperhuman.lsdm.data import encode_batch
 from hyperhuman.lsdm.model import BRANCHES
 from hyperhuman.lsdm.train import first_samples
@@ -94,6 +94,8 @@ def test_psnr_against_itself_is_clamped_and_a_perturbed_copy_scores_lower(teache
     assert set(agreement) == set(BRANCHES)
     assert all(math.isfinite(value) and value < 100.0 for value in agreement.values()), agreement
     assert v_loss(student, heldout)["v_loss"] != v_loss(teacher, heldout)["v_loss"]
+    cached = reference_samples(teacher, heldout, **FAST)  # sampled once, scored against many times
+    assert sample_psnr(student, teacher, heldout, **FAST, reference_outputs=cached) == agreement
 
 
 def test_measure_is_deterministic_and_round_trips_through_json(teacher_run, student_run, distill_shards):
