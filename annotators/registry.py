@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "mediapipe-person-boxes": "annotators.mediapipe_pose:MediaPipePersonBoxes",
     "movenet-pose": "annotators.movenet:MoveNetPose",
     "movenet-person-boxes": "annotators.movenet:MoveNetPersonBoxes",
+    "efficientformer-pose": "annotators.efficientformer_pose:EfficientFormerPose",
     "mediapipe-selfie": "annotators.mediapipe_segmentation:MediaPipeSelfieMask",
     "pose-depth": "annotators.derived:PersonDepthFromPose",
     "depth-normal": "annotators.derived:NormalFromDepth",

@@ -367,6 +367,19 @@ def _edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_annotator(args: argparse.Namespace) -> int:
+    from distill.annotator_student.train import train_pose_student
+
+    config = load_config(args.config, args.overrides)
+    report = train_pose_student(config, resume=args.resume)
+    if report.get("oks_vs_teacher") is not None:  # absent on every process but the main one
+        onnx = report["output"].get("onnx", "not exported (export.onnx: false)")
+        print(f"[distill annotator] {report['steps']} steps in {report['wall_s']} s; held-out OKS vs the teacher "
+              f"({report['teacher'].get('annotator', '?')}) {report['oks_vs_teacher']:.3f} on {report['people']} "
+              f"people; {report['params']:,} parameters; ONNX {onnx}")  # fmt: skip
+    return 0
+
+
 def _distill_measure(args: argparse.Namespace) -> int:
     from distill.measure import measure
 
@@ -540,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_option(gan_search)
     _add_config_options(gan_search, "distill/gan-search-tiny")
     gan_search.set_defaults(func=_distill_gan_search)
+    student = stages.add_parser(
+        "annotator", help="an EfficientFormerV2 pose student trained on the shards' pseudo-labels, exported to ONNX"
+    )
+    _add_resume_option(student)
+    _add_config_options(student, "distill/pose-student")
+    student.set_defaults(func=_distill_annotator)
     quality = stages.add_parser(
         "measure", help="held-out v-loss, sample PSNR against a reference and step latency, as JSON"
     )

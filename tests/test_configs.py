@@ -92,6 +92,12 @@ def check_distill_gan_search(config):
     check_config(config, check_paths=False)
 
 
+def check_distill_annotator(config):
+    from distill.annotator_student.train import check_config
+
+    check_config(config, check_paths=False)
+
+
 def check_prune(config):
     from distill.prune import check_config
 
@@ -133,6 +139,7 @@ CHECKS = {
     "distill/gan-concept": check_distill_gan_concept,  # before "distill/gan", which it starts with
     "distill/gan-search": check_distill_gan_search,  # the same
     "distill/gan": check_distill_gan,
+    "distill/pose-student": check_distill_annotator,
     "prune/": check_prune,
     "quantize/ptq": check_quantize_ptq,
     "quantize/qat": check_quantize_qat,
@@ -159,6 +166,7 @@ def test_every_config_passes_its_recipes_own_checks(name):
 
 
 def recipe_schemas():
+    from distill.annotator_student.train import KNOWN_KEYS as DISTILL_ANNOTATOR
     from distill.e2gan.concept import KNOWN_KEYS as DISTILL_GAN_CONCEPT
     from distill.e2gan.pairs import KNOWN_KEYS as DISTILL_EDIT_PAIRS
     from distill.e2gan.search_train import KNOWN_KEYS as DISTILL_GAN_SEARCH
@@ -185,6 +193,7 @@ def recipe_schemas():
         "distill/gan-tiny": DISTILL_GAN,
         "distill/gan-concept-tiny": DISTILL_GAN_CONCEPT,
         "distill/gan-search-tiny": DISTILL_GAN_SEARCH,
+        "distill/pose-student": DISTILL_ANNOTATOR,
         "quantize/ptq-tiny": QUANTIZE_PTQ,
         "quantize/qat-tiny": QUANTIZE_QAT,
     }
@@ -192,7 +201,8 @@ def recipe_schemas():
 
 RECIPE_CONFIGS = ["lsdm/tiny", "sgr/tiny", "sr/tiny", "vae/tiny", "distill/unet-tiny", "distill/steps-tiny",
                   "distill/vae-decoder-tiny", "quantize/ptq-tiny", "quantize/qat-tiny", "distill/edit-pairs-tiny",
-                  "distill/gan-tiny", "distill/gan-concept-tiny", "distill/gan-search-tiny"]  # fmt: skip
+                  "distill/gan-tiny", "distill/gan-concept-tiny", "distill/gan-search-tiny",
+                  "distill/pose-student"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)
