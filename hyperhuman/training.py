@@ -72,6 +72,18 @@ def check_train_counts(train: dict) -> None:
             raise ConfigError(f"train.{key} must be a positive integer, got {train.get(key)!r}")
 
 
+def check_shards(value, key: str, how_to_make: str) -> None:
+    """``value`` names complete shards, or a ConfigError naming ``key`` and ``how_to_make`` them."""
+    from shards.reader import expand_urls
+
+    try:
+        found = expand_urls(value) if value else []
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{key}={value!r}: {exc}; {how_to_make}") from exc
+    if not found:
+        raise ConfigError(f"{key}={value!r} names no shards; {how_to_make}")
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
     found = [p for p in (output / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))

@@ -41,6 +41,7 @@ from hyperhuman.config import ConfigError, check_known_keys
 from hyperhuman.training import (
     TRAIN_KEYS,
     check_processes_agree,
+    check_shards,
     check_train_counts,
     make_accelerator,
     optimizer_step,
@@ -97,19 +98,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         data = config["data"]
         for key, value in (("data.train", data.get("train")), ("validation.heldout", validation.get("heldout"))):
             if value or key == "data.train":
-                check_shards(value, key)
-
-
-def check_shards(value, key: str) -> None:
-    """``value`` names complete shards, or a ConfigError naming ``key`` and the command that makes them."""
-    from shards.reader import expand_urls
-
-    try:
-        found = expand_urls(value) if value else []
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{key}={value!r}: {exc}; make pseudo-labelled shards with `hyperhuman annotate`") from exc
-    if not found:
-        raise ConfigError(f"{key}={value!r} names no shards; make pseudo-labelled shards with `hyperhuman annotate`")
+                check_shards(value, key, "make pseudo-labelled shards with `hyperhuman annotate`")
 
 
 def model_config(config: dict) -> dict:

@@ -40,6 +40,7 @@ from hyperhuman.training import (
     DATA_KEYS,
     TRAIN_KEYS,
     check_processes_agree,
+    check_shards,
     check_train_counts,
     image_grid,
     make_accelerator,
@@ -135,15 +136,7 @@ def check_training_sections(config: dict, factor: int | None, check_paths: bool 
 
 
 def check_pair_shards(value, key: str) -> None:
-    """``value`` names complete shards, or a ConfigError naming ``key`` and the command that makes pairs."""
-    from shards.reader import expand_urls
-
-    try:
-        found = expand_urls(value) if value else []
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{key}={value!r}: {exc}; make edit pairs with `hyperhuman distill edit-pairs`") from exc
-    if not found:
-        raise ConfigError(f"{key}={value!r} names no shards; make edit pairs with `hyperhuman distill edit-pairs`")
+    check_shards(value, key, "make edit pairs with `hyperhuman distill edit-pairs`")
 
 
 def _signature(cls) -> dict:
