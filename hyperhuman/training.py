@@ -225,14 +225,17 @@ def prepare_for_training(accelerator, model, train: dict, param_groups: list[dic
     return model, optimizer, lr_scheduler, ema
 
 
-def trained_copy(accelerator, model, ema) -> torch.nn.Module:
-    """A copy of the prepared ``model`` as trained (its EMA weights when EMA is on), in eval mode:
-    what a recipe saves or validates with, leaving the training copy untouched."""
+def trained_copy(accelerator, model, ema, efficiency=None) -> torch.nn.Module:
+    """A copy of the prepared ``model`` as trained (its EMA weights when EMA is on, pruned by the
+    sparse masks when ``efficiency`` has them), in eval mode: what a recipe saves or validates with,
+    leaving the training copy untouched."""
     unwrapped = accelerator.unwrap_model(model)
     final = type(unwrapped).from_config(unwrapped.config)
     final.load_state_dict(unwrapped.state_dict())
     if ema is not None:
         ema.copy_to(final.parameters())
+    if efficiency is not None:
+        efficiency.apply_masks(final)
     return final.to(unwrapped.device).eval()
 
 

@@ -107,6 +107,12 @@ class PoseStudent(ModelMixin, ConfigMixin):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
+    def freezing_units(self) -> list[list[str]]:
+        """SpFDE's freezing units from the input side (:mod:`hyperhuman.efficiency.freezing`): the
+        backbone's stem, then each stage; the pyramid head, which reads every stage, never freezes."""
+        stages = [name for name, _ in self.encoder.named_children() if name.startswith("stages")]
+        return [["encoder.stem*"]] + [[f"encoder.{name}.*"] for name in stages]
+
     @property
     def heatmap_size(self) -> tuple[int, int]:
         height, width = self.config.input_size

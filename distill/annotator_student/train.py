@@ -18,7 +18,9 @@ pretrained EfficientFormerV2 weights exist offline).
 
 Same recipe qualities as the other distill stages (:mod:`hyperhuman.training`): accelerate
 (multi-process; each process reads its own shards), EMA, checkpoints with exact ``--resume``,
-TensorBoard. Held-out measure: the mean COCO OKS between the student's keypoints and the teacher's
+TensorBoard, and SpFDE's ``train.efficiency`` (:mod:`hyperhuman.efficiency`: sparse masks, freezing
+of the backbone's stem and stages from the input side, sieving of whole photos by their crops'
+recent loss). Held-out measure: the mean COCO OKS between the student's keypoints and the teacher's
 on plain crops of ``validation.heldout`` shards (agreement with the teacher, not accuracy: the
 shards hold no ground truth; ``bench/student_annotator.py`` measures COCO AP against ground
 truth), every ``validation.every`` steps and at the end. Output: ``OUTPUT/student/`` (safetensors +
@@ -39,11 +41,15 @@ import torch
 
 from hyperhuman.config import ConfigError, check_known_keys
 from hyperhuman.training import (
+    EFFICIENCY_KEYS,
     TRAIN_KEYS,
+    check_efficiency,
     check_processes_agree,
     check_shards,
     check_train_counts,
+    data_stream,
     make_accelerator,
+    make_efficiency,
     optimizer_step,
     prepare_for_training,
     restore,
@@ -60,7 +66,7 @@ KNOWN_KEYS = {
     "seed": None,
     "model": dict.fromkeys(MODEL_KEYS),
     "data": dict.fromkeys(["train", "shuffle_buffer", "num_workers", *AUGMENT_KEYS]),
-    "train": TRAIN_KEYS,
+    "train": {**TRAIN_KEYS, "efficiency": EFFICIENCY_KEYS},  # SpFDE (hyperhuman.efficiency)
     "validation": dict.fromkeys(["every", "heldout", "num_crops"]),
     "export": dict.fromkeys(["onnx", "opset"]),
 }
@@ -84,6 +90,7 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     check_data_config(config["data"])
     train = config["train"]
     check_train_counts(train)
+    check_efficiency(train)
     if train.get("gradient_checkpointing"):
         raise ConfigError("train.gradient_checkpointing: not supported by the pose student (too small to need it)")
     validation = config.get("validation") or {}
@@ -125,14 +132,16 @@ def teacher_of(source) -> dict:
 
 # --- measures --------------------------------------------------------------------------------------
 def keypoint_loss(logits: torch.Tensor, target: torch.Tensor, seen: torch.Tensor) -> dict:
-    """The "where" and "whether" terms (see the module's docstring) and their ``sum``."""
+    """The "where" and "whether" terms (see the module's docstring), their ``sum`` and each crop's
+    own sum (``per_sample``: data sieving's scores)."""
     logits = logits.float().flatten(2)
     where_to = target.flatten(2) / target.flatten(2).sum(dim=2, keepdim=True).clamp_min(1e-12)
-    where = -(where_to * torch.log_softmax(logits, dim=2)).sum(dim=2)
-    where = (where * seen).sum() / seen.sum().clamp_min(1.0)
+    where = -(where_to * torch.log_softmax(logits, dim=2)).sum(dim=2) * seen
     mass = torch.logsumexp(logits, dim=2) - math.log(logits.shape[2])
-    whether = torch.nn.functional.binary_cross_entropy_with_logits(mass, seen)
-    return {"where": where, "whether": whether, "sum": where + whether}
+    whether = torch.nn.functional.binary_cross_entropy_with_logits(mass, seen, reduction="none")
+    per_sample = where.sum(dim=1) / seen.sum(dim=1).clamp_min(1.0) + whether.mean(dim=1)
+    where, whether = where.sum() / seen.sum().clamp_min(1.0), whether.mean()
+    return {"where": where, "whether": whether, "sum": where + whether, "per_sample": per_sample.detach()}
 
 
 def keypoint_similarity(predicted: np.ndarray, teacher: np.ndarray, area: float, min_score: float) -> float | None:
@@ -189,10 +198,13 @@ def train_pose_student(config: dict, resume: str | None = None) -> dict:
     teacher = teacher_of(data["train"])
     report = {"teacher": teacher, "params": count_parameters(student), "model": dict(student.config), "heldout": []}
 
-    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, student, train)
+    efficiency = make_efficiency(train, student, seed)  # None unless train.efficiency turns a part on
+    model, optimizer, lr_scheduler, ema = prepare_for_training(accelerator, student, train, efficiency=efficiency)
     state = restore(accelerator, output, resume, "distill annotator")
     global_step, micro_step = state["global_step"], state["micro_step"]
-    batches = CropBatches(data, architecture, train["batch_size"], seed, **state["data"])
+    batches = data_stream(
+        lambda position: CropBatches(data, architecture, train["batch_size"], seed, **position), state, efficiency
+    )
     min_score = settings(data)["min_keypoint_score"]
     heldout = []
     if accelerator.is_main_process:
@@ -217,7 +229,11 @@ def train_pose_student(config: dict, resume: str | None = None) -> dict:
                 logits = model(batch["pixels"].to(accelerator.device))
             seen = batch["weight"].to(accelerator.device)
             parts = keypoint_loss(logits, batch["target"].to(accelerator.device), seen)
-            optimizer_step(accelerator, model, optimizer, lr_scheduler, parts["sum"], train.get("max_grad_norm"))
+            if efficiency is not None:  # a photo's crops share its key: the sieve keeps or holds back the photo
+                efficiency.record_losses(batch["key"], parts["per_sample"])
+            optimizer_step(
+                accelerator, model, optimizer, lr_scheduler, parts["sum"], train.get("max_grad_norm"), efficiency
+            )
         if not accelerator.sync_gradients:
             continue
         global_step += 1
@@ -236,7 +252,7 @@ def train_pose_student(config: dict, resume: str | None = None) -> dict:
         if global_step % train["checkpointing_steps"] == 0:
             save_checkpoint(accelerator, output, global_step, micro_step, batches, train.get("checkpoints_total_limit"))
         if accelerator.is_main_process and validation.get("every") and global_step % validation["every"] == 0:
-            measured = agreement(trained_copy(accelerator, model, ema), heldout, min_score)
+            measured = agreement(trained_copy(accelerator, model, ema, efficiency), heldout, min_score)
             report["heldout"].append({"step": global_step, **measured})
             accelerator.log({"heldout_oks_vs_teacher": measured["oks_vs_teacher"]}, step=global_step)
 
@@ -247,8 +263,10 @@ def train_pose_student(config: dict, resume: str | None = None) -> dict:
     report["weights_sha256_per_process"] = check_processes_agree(
         accelerator, accelerator.unwrap_model(model), "distill annotator"
     )
+    if efficiency is not None:
+        report["efficiency"] = efficiency.report(accelerator.num_processes)
     if accelerator.is_main_process:
-        final = trained_copy(accelerator, model, ema)
+        final = trained_copy(accelerator, model, ema, efficiency)
         report.update(agreement(final, heldout, min_score))
         final.save_pretrained(output / "student", safe_serialization=True)
         report["output"] = {"student": str(output / "student")}

@@ -10,7 +10,10 @@ computed). FLOPs are attributed to modules, so the sparse layers' share can be s
 density: a masked layer run by dense kernels on this CPU does its dense FLOPs, but a sparse kernel
 (the point of sparse training on an accelerator that has them) does ``density`` of them, in the
 forward and both halves of the backward. Attention is counted by its math decomposition (``bmm``);
-the fused CPU kernel has no formula, so a real-device count would miss it.
+the fused CPU kernel has no formula, so a real-device count would miss it. A convolution's backward
+is counted by :func:`conv_backward_flops`: torch's own formula ignores ``groups`` in the weight
+gradient and counts a depthwise conv's as ``channels`` times its real cost (a 15× overcount of the
+EfficientFormerV2 student's whole backward).
 """
 
 from __future__ import annotations
@@ -19,9 +22,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:  # fmt: skip
+    """``aten.convolution_backward``: each of the input and the weight gradient costs what the forward
+    did (every multiply of the forward is one multiply of each), grouped convolutions included (the
+    weight shape already holds ``in_channels / groups``)."""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops}
 
 
 @dataclass
@@ -94,7 +109,7 @@ def count_step(model: nn.Module, args: tuple, kwargs: dict, trainable: dict[str,
     handles = [module.register_forward_hook(note_gradients(name)) for name, module in layers]
     root = type(model).__name__
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter:
             output = torch.func.functional_call(model, {**params, **buffers}, to_meta(args), to_meta(kwargs))
             forward_total, forward = counter.get_total_flops(), _by_module(counter, root)
             outputs = [t for t in output_tensors(output) if t.requires_grad]

@@ -15,8 +15,10 @@ Units (``blocks: auto``): for a diffusers ``UNet2DConditionModel`` or a ``Latent
 the time embedding with the input convs first (every block reads the time embedding, so no block's
 backward could be skipped while it trains), then each down block, the mid block and the inner up
 blocks, in the order the forward runs them; the outermost up block and the output head are never
-frozen. Any other model: its top-level children in definition order (a ``Sequential`` or
-``ModuleList`` child counts per item), all but the last. ``blocks: [[glob, ...], ...]`` names them.
+frozen. A model with a ``freezing_units()`` method names its own (e.g. the pose student: its
+backbone's stem and stages). Any other model: its top-level children in definition order (a
+``Sequential`` or ``ModuleList`` child counts per item), all but the last. ``blocks: [[glob, ...],
+...]`` names them.
 """
 
 from __future__ import annotations
@@ -98,7 +100,12 @@ def child_units(model: nn.Module) -> list[list[str]]:
 def resolve_units(model: nn.Module, blocks) -> list[list[str]]:
     """Each unit's trainable parameter names; globs matching nothing trainable are dropped (e.g. an
     embedding the model does not have), units left empty are refused."""
-    globs = (unet_units(model) or child_units(model)) if blocks == "auto" else blocks
+    if blocks != "auto":
+        globs = blocks
+    elif hasattr(model, "freezing_units"):
+        globs = model.freezing_units()
+    else:
+        globs = unet_units(model) or child_units(model)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     units, taken = [], set()
     for unit in globs:

@@ -204,6 +204,52 @@ def test_training_checkpoints_exports_and_resumes_exactly(config, tmp_path):
     assert again["oks_vs_teacher"] == report["oks_vs_teacher"]
 
 
+def test_spfde_trains_the_student_freezes_its_backbone_from_the_stem_and_resumes_exactly(config, tmp_path):
+    efficiency = config["train"]["efficiency"]
+    efficiency["sparsity"].update(use=True, density=0.5, update_every=2)
+    efficiency["freezing"].update(use=True, schedule=[[2, 1], [4, 3]])
+    efficiency["sieving"].update(use=True, fraction=0.6, swap_every=2)
+    config.update(export={"onnx": False}, validation={"every": 0, "num_crops": 4})
+    output = tmp_path / "run"
+    report = train_pose_student(config)
+    spent = report["efficiency"]
+    assert spent["options"] == ["sparsity", "freezing", "sieving"] and spent["steps"] == 6
+    assert spent["freezing"]["frozen_units"][0] == "encoder.stem_conv1.conv … encoder.stem_conv2.bn"
+    assert spent["freezing"]["frozen_at_step"] == [2, 4, 4]
+    assert spent["sparsity"]["density"] == pytest.approx(0.5, abs=0.01)
+    assert spent["sieving"]["samples_not_seen"] > 0
+    flops = spent["flops"]
+    assert 0 < flops["counted"] < flops["dense"] and flops["freezing_backward_skipped"] > 0
+
+    checkpoint = load_file(output / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    final = load_file(output / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    weights = {name for name, _ in load_student(str(output)).named_parameters()}  # BatchNorm statistics still move
+    frozen = [name for name in weights if name.startswith(("encoder.stem", "encoder.stages_0.", "encoder.stages_1."))]
+    assert frozen and all(torch.equal(final[name], checkpoint[name]) for name in frozen)  # frozen at step 4
+    assert not torch.equal(final["final.weight"], checkpoint["final.weight"])
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(output / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    config.update(output=str(resumed))
+    again = train_pose_student(config, resume="latest")
+    assert again["losses"] == report["losses"][4:]
+    replayed = load_file(resumed / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(value, replayed[name]) for name, value in final.items())
+    assert again["efficiency"]["flops"] == flops and again["efficiency"]["sieving"] == spent["sieving"]
+
+
+def test_the_per_sample_loss_scores_each_crop_on_its_own():
+    target = torch.zeros(2, 17, 8, 6)
+    target[:, :, 4, 3] = 1.0
+    seen = torch.ones(2, 17)
+    logits = torch.zeros(2, 17, 8, 6)
+    logits[0, :, 4, 3] = 8.0  # the first crop's peaks sit on the joints, the second's are flat
+    parts = keypoint_loss(logits, target, seen)
+    assert parts["per_sample"].shape == (2,) and parts["per_sample"][0] < parts["per_sample"][1]
+    assert parts["per_sample"].mean() == pytest.approx(float(parts["sum"]), rel=1e-5)
+
+
 def test_the_command_line_trains_a_student(config, tmp_path, capsys):
     from hyperhuman.cli import main
 

@@ -124,6 +124,18 @@ def test_frozen_leading_blocks_get_no_gradient_and_skip_their_whole_backward():
     assert after.forward == dense.forward
 
 
+@pytest.mark.parametrize("groups", [1, 16])
+def test_a_convolution_backward_costs_its_forward_per_gradient_depthwise_included(groups):
+    # torch's own formula counts a depthwise conv's weight gradient `channels` times over
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=groups), nn.Conv2d(16, 8, 1))
+    counted = count_step(model, (torch.rand(2, 16, 8, 8),), {})
+    first = 2 * 2 * 8 * 8 * 16 * (16 // groups) * 9  # 2 · batch · pixels · out · in per group · kernel
+    second = 2 * 2 * 8 * 8 * 8 * 16
+    assert counted.forward == first + second
+    assert counted.backward_by_layer == {"0": first, "1": 2 * second}  # the input needs no gradient
+    assert counted.backward == first + 2 * second
+
+
 def test_a_frozen_block_keeps_its_weights_and_optimizer_state():
     model = mlp()
     settings = {"freezing": {"use": True, "mode": "schedule", "schedule": [[2, 1]]}}
