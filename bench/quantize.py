@@ -25,7 +25,8 @@ compiled / int8 compiled step), ``int8_psnr_db`` (student's int8 samples vs fp32
 ``timestep_aware_psnr_db`` / ``single_timestep_psnr_db`` (the same for the two calibrations),
 ``w4a8_loss_ratio`` (held-out v-loss after W4A8 QAT / fp32) and ``pim_gap_recovered`` (mean over
 the PIM settings of the last ADC range named, calibrated by default; ``pim_gap_recovered_full`` and
-``pim_gap_recovered_calibrated`` apart). Skips (exit 0) without ``../shared``.
+``pim_gap_recovered_calibrated`` apart). The file is written after every stage (``complete``,
+``last_stage``), so a run stopped in the long PIM stage keeps what it measured. Skips (exit 0) without ``../shared``.
 """
 
 from __future__ import annotations
@@ -102,41 +103,51 @@ def main() -> None:
     times = {"models_s": round(build_s, 1), **student["built_s"]}
     stage = time.perf_counter()
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    result = {"machine": machine, "args": vars(args)}
+    result = {"machine": machine, "args": vars(args), "times_s": times}
+    output = Path(args.output)
+
+    def save(done: str) -> None:
+        """The JSON so far, after each stage (``complete`` says whether the run finished): a run
+        stopped in its long PIM stage keeps what it measured."""
+        times["benchmark_s"] = round(time.perf_counter() - started - build_s, 1)
+        result.update(complete=done == "all", last_stage=done, summary=summary(result))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1, default=str))
+
     result["student"] = _quantize_ptq.denoiser_section(
         "mobile student (evolved)", student["run"], teacher, work / "student", args, compare_calibration=True,
         decoder=True,
     )  # fmt: skip
     _quantize_ptq.print_section(result["student"])
     times["student_ptq_s"] = round(time.perf_counter() - stage, 1)
+    save("student")
     if "teacher" not in args.skip:
         stage = time.perf_counter()
         result["teacher"] = _quantize_ptq.denoiser_section("bench teacher", teacher["lsdm"], teacher, work / "teacher",
                                                            args)  # fmt: skip
         _quantize_ptq.print_section(result["teacher"])
         times["teacher_ptq_s"] = round(time.perf_counter() - stage, 1)
+        save("teacher")
     folder = _quantize_sr.sr_folder(teacher)
     if "sr" not in args.skip:
         stage = time.perf_counter()
         result["sr"] = _quantize_sr.sr_section(folder, teacher, work / "sr", args)
         _quantize_sr.print_section(result["sr"])
         times["sr_s"] = round(time.perf_counter() - stage, 1)
+        save("sr")
     if "qat" not in args.skip:
         stage = time.perf_counter()
         result["qat"] = _quantize_qat.qat_section(student["run"], teacher, work / "qat", args)
         times["qat_s"] = round(time.perf_counter() - stage, 1)
+        save("qat")
         if "pim" not in args.skip:
             stage = time.perf_counter()
             result["pim"] = _quantize_qat.pim_section(student["run"], result["qat"], teacher, work / "pim", args)
             times["pim_s"] = round(time.perf_counter() - stage, 1)
+            save("pim")
         _quantize_qat.print_sections(result["qat"], result.get("pim"))
-    times["benchmark_s"] = round(time.perf_counter() - started - build_s, 1)
-    result["times_s"] = times
-    result["summary"] = summary(result)
+    save("all")
     print(f"\nsummary: {json.dumps(result['summary'])}\ntimes: {json.dumps(times)}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {output}")
 
 
