@@ -3,6 +3,7 @@ base GAN fully fine-tuned, LoRA on crucial layers, LoRA on a minimal data subset
 latency-driven width search against the full generator.
 
     .venv/bin/python bench/e2gan.py [--steps-scale 1.0] [--resolution 128] [--sizes 256 512] [--reuse-runs]
+        [--search-min-channels 1] [--search-finetune-steps 400]
     smoke:  OMP_NUM_THREADS=1 .venv/bin/python bench/e2gan.py --photos 8 --heldout-photos 3 --steps-scale 0.02 \\
                 --resolution 32 --pair-resolution 64 --sizes 64 --subset 4 --rounds 1 --repeats 3
 
@@ -48,7 +49,8 @@ timing. The estimate: per-step CPU time measured at 128² with one thread (GAN s
 step 0.28 s, KD step 0.35 s), times the steps above, divided by 1.4 for the second core, plus data
 loading and the compiles' time in the smoke run. Pairs (cheap; ``edit-pairs`` keeps what it wrote) and
 the base GAN are cached in ``TEACHER_ROOT/e2gan/``, keyed by their settings; (a)–(d) and the search run
-in ``TEACHER_ROOT/e2gan/runs-KEY/``, removed at start unless ``--reuse-runs``.
+in ``TEACHER_ROOT/e2gan/runs-KEY/``, removed at start unless ``--reuse-runs`` (the search in its own
+``search-KEY/`` there, keyed by its settings: with ``--reuse-runs`` a changed search reuses (a)–(d)).
 
 Prints the tables; writes ``bench/results/e2gan.json`` whose ``summary`` holds
 ``lora_minimal_psnr_gap_db`` ((a) − (d) PSNR), ``lora_minimal_time_ratio`` ((d) / (a) training time),
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--new-concept", default=NEW_CONCEPT, help="the concept held out of the base GAN")
     parser.add_argument("--subset", type=int, default=8, help="(d)'s pairs, one per k-means cluster")
     parser.add_argument("--search-macs-fraction", type=float, default=0.18, help="the width search's MACs target")
+    parser.add_argument("--search-min-channels", type=int, default=1, help="the fewest channels a width keeps")
+    parser.add_argument("--search-finetune-steps", type=int, default=None, help="the searched generator's KD steps")
     parser.add_argument("--calibration-frames", type=int, default=8, help="int8 calibration photos")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed frames per runtime and round")
@@ -128,6 +132,8 @@ def main() -> None:
         if side % 8:
             parser.error(f"sides must be multiples of 8 (the generator's 2**(downs + 1)), got {side}")
     budgets = {name: max(1, round(steps * args.steps_scale)) for name, steps in BUDGETS.items()}
+    if args.search_finetune_steps is not None:
+        budgets["search_finetune"] = args.search_finetune_steps
 
     started, times = time.perf_counter(), {}
     teacher = _teacher.teacher()  # built once by the first distillation bench; only its shards are used
@@ -140,9 +146,9 @@ def main() -> None:
     base = base_gan(cache, pairs, base_concepts, budgets["base"], args)  # trained once, then cached
     times["base_gan_s"] = time.perf_counter() - stage
 
-    trained_by = ("photos", "heldout_photos", "pair_resolution", "resolution", "new_concept", "subset",
-                  "search_macs_fraction")  # fmt: skip
-    key = json_digest([base.name, budgets, args.sizes[0], {name: getattr(args, name) for name in trained_by}])[:12]
+    trained_by = ("photos", "heldout_photos", "pair_resolution", "resolution", "new_concept", "subset")
+    concept_budgets = {name: steps for name, steps in budgets.items() if not name.startswith("search")}
+    key = json_digest([base.name, concept_budgets, {name: getattr(args, name) for name in trained_by}])[:12]
     runs = cache / f"runs-{key}"
     if not args.reuse_runs:
         shutil.rmtree(runs, ignore_errors=True)
@@ -150,10 +156,13 @@ def main() -> None:
 
     stage = time.perf_counter()
     print(f"e2gan: width search to {args.search_macs_fraction:.0%} of the MACs ...", flush=True)
-    searched = width_search(runs / "search", base, pairs, base_concepts, budgets, args)
+    search_settings = [args.search_macs_fraction, args.search_min_channels, args.sizes[0], args.resolution,
+                       {name: steps for name, steps in budgets.items() if name.startswith("search")}]  # fmt: skip
+    search_folder = runs / f"search-{json_digest(search_settings)[:12]}"
+    searched = width_search(search_folder, base, pairs, base_concepts, budgets, args)
     times["search_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    deployed = deploy_rows({"full": base / "generator", "searched": runs / "search" / "generator"},
+    deployed = deploy_rows({"full": base / "generator", "searched": search_folder / "generator"},
                            base_concepts[0], pairs, args)  # fmt: skip
     times["deploy_s"] = time.perf_counter() - stage
     times["total_s"] = time.perf_counter() - started
@@ -211,7 +220,8 @@ def width_search(output: Path, base: Path, pairs: dict, base_concepts: list[str]
         steps = budgets["search_finetune"]
         config = apply_overrides(load_config("distill/gan-search-tiny"), [
             "target.cost=macs", f"target.fraction={args.search_macs_fraction}", f"timing.resolution={args.sizes[0]}",
-            "timing.repeats=5", f"search.steps={budgets['search']}", f"data.resolution={args.resolution}",
+            "timing.repeats=5", f"search.steps={budgets['search']}", f"search.min_channels={args.search_min_channels}",
+            f"data.resolution={args.resolution}",
             f"train.max_train_steps={steps}", f"train.checkpointing_steps={steps}",
             f"train.log_every={max(1, steps // 6)}", f"validation.num_per_concept={pairs['heldout_photos']}",
         ])  # fmt: skip
