@@ -40,9 +40,10 @@ draws of (timestep, noise) per photo; for the student as above.
 
 Prints a table; writes ``bench/results/efficient_training.json`` whose ``summary`` holds per model
 ``compute_saving`` (1 − the all-run's FLOPs / the dense run's), ``quality_loss`` (its relative loss
-of held-out quality against the dense run's), ``shares`` (each component's part of that saving, from the all-run's ledger)
-and each component alone; ``compute_saved_fraction`` / ``quality_loss_fraction`` are the same two
-numbers, and the flat ``summary`` keys are the worst model's. Goal: ≥ 40 % less compute at ≤ 2 %
+of held-out quality against the dense run's), ``shares`` (each component's part of that saving, from
+the all-run's ledger) and each component alone; ``compute_saved_fraction`` /
+``quality_loss_fraction`` are the same two numbers, and the flat ``summary`` keys are the worst
+model's. Goal: ≥ 40 % less compute at ≤ 2 %
 quality loss. Skips (exit 0) without ``../shared``.
 """
 
