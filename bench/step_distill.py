@@ -32,7 +32,9 @@ Prints the tables; writes ``bench/results/step_distill.json`` whose ``summary`` 
 ``student_cfg_4_psnr`` and ``teacher_16_psnr`` (RGB PSNR vs the reference, dB),
 ``per_image_speedup`` (teacher 50 steps with CFG and its decoder / the CFG-aware 4-step student
 with the 0.5-width decoder, timed in alternation), ``decoder_half_speedup`` and
-``decoder_half_psnr``. Skips (exit 0) without ``../shared``.
+``decoder_half_psnr``. Runs are cached in ``TEACHER_ROOT/step_distill/``, each variant's folder keyed
+by its training settings; ``--reuse-runs`` keeps the finished ones (e.g. to try ``--trajectories``
+on one variant without retraining the others or the decoders). Skips (exit 0) without ``../shared``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import _teacher  # noqa: E402
 
 from distill.latency import alternating_ms, time_call  # noqa: E402
+from hyperhuman.config import json_digest  # noqa: E402
 
 TEACHER_STEPS = 32
 STEP_COUNTS = (16, 8, 4, 2)
@@ -108,21 +111,24 @@ def main() -> None:
     if not args.reuse_runs:
         shutil.rmtree(runs, ignore_errors=True)
 
+    folders = {}  # each variant's run, keyed by its training settings: --reuse-runs keeps only the same
     for name in args.variants:
         mode, student_steps, fold, source = VARIANTS[name]
         stage = time.perf_counter()
         steps = {"direct": args.direct_steps, "progressive": args.round_steps}[mode]
         steps = args.data_steps if source == "data" else steps
+        trained_by = [VARIANTS[name], steps, args.trajectories, args.learning_rate, args.batch_size, args.guidance]
+        folders[name] = runs / f"{name}-{json_digest(trained_by)[:8]}"
         print(f"step_distill: {name} ({TEACHER_STEPS} → {student_steps} steps, {steps} training steps a round) ...")
-        if not (runs / name / "train_report.json").is_file():
-            distill_steps(steps_config(runs / name, teacher, VARIANTS[name], steps, args))
+        if not (folders[name] / "train_report.json").is_file():
+            distill_steps(steps_config(folders[name], teacher, VARIANTS[name], steps, args))
         times[f"{name}_s"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
     reference = load_pipeline(teacher["lsdm"])
     heldout = HeldOut.from_shards(teacher["heldout_shards"], reference, num=args.heldout_num)
     noise = initial_noise(heldout, reference.unet.config.latent_channels, len(heldout), seed=0)
-    rows, reference_latents = step_rows(reference, runs, heldout, noise, args)
+    rows, reference_latents = step_rows(reference, folders, heldout, noise, args)
     times["steps_eval_s"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -133,7 +139,7 @@ def main() -> None:
     by = {(row["method"], row["steps"]): row for row in rows}
     folded = [by[(name, 4)] for name in args.variants if VARIANTS[name][2]]
     best = max(folded, key=lambda row: row["psnr"]["rgb"])
-    student = with_vae(load_pipeline(runs / best["method"] / "rounds" / "steps-4"),
+    student = with_vae(load_pipeline(folders[best["method"]] / "rounds" / "steps-4"),
                        load_vae(runs / "decoder-0.5" / "vae").eval())  # fmt: skip
     stage = time.perf_counter()
     deployed = {"method": best["method"], **per_image_seconds(reference, student, heldout, args)}
@@ -164,7 +170,7 @@ def steps_config(output: Path, teacher: dict, variant: tuple, steps: int, args):
 
 
 # --- sampling: agreement with the reference and time per image ------------------------------------
-def step_rows(reference, runs: Path, heldout, noise: dict, args) -> tuple[list[dict], dict]:
+def step_rows(reference, folders: dict[str, Path], heldout, noise: dict, args) -> tuple[list[dict], dict]:
     from distill.guidance import guidance_dim
     from distill.measure import load_pipeline, psnr, sample_outputs, unit_range
 
@@ -194,7 +200,7 @@ def step_rows(reference, runs: Path, heldout, noise: dict, args) -> tuple[list[d
         counts = [s for s in STEP_COUNTS if s >= final] if mode == "progressive" else [final]
         for steps in counts:
             print(f"step_distill: {name} at {steps} steps ...")
-            rows.append(row(name, load_pipeline(runs / name / "rounds" / f"steps-{steps}"), steps))
+            rows.append(row(name, load_pipeline(folders[name] / "rounds" / f"steps-{steps}"), steps))
     latents = reference_latents(reference, heldout, noise, args)
     return rows, latents
 
