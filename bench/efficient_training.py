@@ -213,13 +213,10 @@ def student_data(log=print) -> tuple[list[str], list[str], dict, list[dict]]:
     """The pose student's data, as ``bench/student_annotator.py`` makes it (its cached job output
     reused): training shards = the pseudo-labels of the photos without ground truth; held out = the
     photos with COCO ground truth (their pseudo-labelled shards, the ground truth, its images)."""
-    from student_annotator import CACHE, JOB_OVERRIDES, pseudo_labels
-
-    from hyperhuman.config import json_digest
+    from student_annotator import job_folder, pseudo_labels
 
     data = _teacher.PHOTOS
-    settings = {"job": JOB_OVERRIDES, "photos": sorted(p.name for p in (data / "images").iterdir())}
-    tars = pseudo_labels(data, CACHE / f"student-annotator-{json_digest(settings)[:12]}")
+    tars = pseudo_labels(data, job_folder(data))
     ground_truth = json.loads((data / "keypoints_coco.json").read_text())
     scored = {image["file_name"] for image in ground_truth["images"]}
     train = sorted(url for name, url in tars.items() if name not in scored)

@@ -59,6 +59,14 @@ TEACHER = {"name": "movenet-pose", "options": {}}  # = configs/annotate/offline.
 TEACHER_BOXES = {"name": "movenet-person-boxes", "options": {"thunder": False, "multipose_size": 256}}
 
 
+def job_folder(data: Path) -> Path:
+    """Where the pseudo-labelling job of ``data``'s photos is cached (keyed by its settings and photos)."""
+    from hyperhuman.config import json_digest
+
+    settings = {"job": JOB_OVERRIDES, "photos": sorted(p.name for p in (data / "images").iterdir())}
+    return CACHE / f"student-annotator-{json_digest(settings)[:12]}"
+
+
 def pseudo_labels(data: Path, work: Path) -> dict[str, str]:
     """The offline job on every photo of ``data/images``, one per shard → ``{photo name: shard tar}``
     (photos the job rejected, e.g. with nobody found, are absent)."""
@@ -179,7 +187,6 @@ def main() -> None:
     from annotators.base import AnnotatorConfig
     from annotators.movenet import MODEL_FILES, MoveNetPose, default_models_dir
     from annotators.registry import build_annotator
-    from hyperhuman.config import json_digest
 
     data = Path(args.data)
     if not (data / "keypoints_coco.json").is_file():
@@ -191,8 +198,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     ground_truth = json.loads((data / "keypoints_coco.json").read_text())
-    settings = {"job": JOB_OVERRIDES, "photos": sorted(p.name for p in (data / "images").iterdir())}
-    work = Path(args.work) if args.work else CACHE / f"student-annotator-{json_digest(settings)[:12]}"
+    work = Path(args.work) if args.work else job_folder(data)
     work = work / f"folds{args.folds}-steps{args.steps}-batch{args.batch_size}-crops{args.crops_per_person}"
     tars = pseudo_labels(data, work.parent)
     labelled_s = time.perf_counter() - started

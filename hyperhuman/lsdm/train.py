@@ -50,6 +50,7 @@ from hyperhuman.training import (
     restore,
     save_checkpoint,
     step_generator,
+    trained_copy,
 )
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -376,14 +377,7 @@ def make_pipeline(
 ) -> HyperHumanPipeline:
     """A pipeline over a copy of the trained weights (the EMA weights when EMA is on, pruned by the
     sparse masks when sparsity is on) with the run's noise schedule (the ``scheduler:`` section)."""
-    unwrapped = accelerator.unwrap_model(model)
-    unet = LatentStructuralUNet.from_config(unwrapped.config)
-    unet.load_state_dict(unwrapped.state_dict())
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    if efficiency is not None:
-        efficiency.apply_masks(unet)
-    unet.to(vae.device, vae.dtype).eval()
+    unet = trained_copy(accelerator, model, ema, efficiency).to(vae.device, vae.dtype)
     return HyperHumanPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(**scheduler_config)
     )
