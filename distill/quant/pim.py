@@ -105,29 +105,32 @@ def adc(partial: torch.Tensor, top: float, bits: int, signed: bool, noise: float
     ``[0, top]``: uniform steps with a level at zero, never finer than one unit; values beyond the
     range clip to the end codes."""
     step = max(1.0, top / max(1, 2 ** (bits - 1) - 1) if signed else top / (2**bits - 1))
-    if noise:
-        partial = partial + noise * step * torch.randn(partial.shape, generator=generator).to(partial)
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    return torch.clamp(torch.round(partial / step), low, high) * step
+    # in place on the one fresh copy: the partial sums are the largest tensors of a PIM forward
+    codes = partial / step
+    if noise:
+        codes.add_(torch.randn(partial.shape, generator=generator).to(partial), alpha=noise)
+    return codes.round_().clamp_(low, high).mul_(step)
 
 
-def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: float, samples: int = 1 << 16) -> float:
+def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: float, samples: int = 1 << 14) -> float:
     """The ADC range (``top``) within ``full_scale`` that digitises ``partial`` with the least mean
     squared error: a search over clipping points from the largest |value| down, in quarter-octave
-    steps, on an evenly strided subset of at most ``samples`` values."""
+    steps, on an evenly strided subset of at most ``samples`` values (the first of equal errors)."""
     values = partial.detach().flatten()
     values = values[:: max(1, values.numel() // samples)].double()
     largest = float(values.abs().max()) if values.numel() else 0.0
     exact_below = (2 ** (bits - 1) - 1) if signed else (2**bits - 1)  # tops whose step is one unit
-    best, best_error = full_scale, math.inf
-    top = min(full_scale, max(largest, 1.0))
-    while True:
-        error = float((adc(values, top, bits, signed) - values).pow(2).mean())
-        if error < best_error:
-            best, best_error = top, error
-        if top <= exact_below:  # below this the step stays at one unit: only more clipping
-            return best
-        top = max(top * 2**-0.25, exact_below)
+    tops = [min(full_scale, max(largest, 1.0))]
+    while tops[-1] > exact_below:  # below this the step stays at one unit: only more clipping
+        tops.append(max(tops[-1] * 2**-0.25, exact_below))
+    # every candidate at once (one pass per op over candidates × values, not a Python loop per
+    # candidate: this runs for every crossbar array of every layer in each PIM-QAT step)
+    steps = values.new_tensor(tops) / (max(1, 2 ** (bits - 1) - 1) if signed else 2**bits - 1)
+    steps = steps.clamp_min(1.0)[:, None]
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    errors = ((values / steps).round_().clamp_(low, high).mul_(steps) - values).pow_(2).mean(1)
+    return tops[int(errors.argmin())]
 
 
 def crossbar_arrays(weights: torch.Tensor, weight_bits: int, scheme: str) -> list[tuple[torch.Tensor, float, bool]]:
@@ -169,7 +172,7 @@ def pim_matmul(
     pad = tiles * tile - rows
     inputs = F.pad(inputs, (0, pad)).view(inputs.shape[0], tiles, tile)
     weights = F.pad(weights, (0, pad)).view(weights.shape[0], tiles, tile)
-    as_integers = inputs.round().long()
+    as_integers = inputs.round().to(torch.uint8 if input_bits <= 8 else torch.long)  # 8× less to shift than long
     input_planes = torch.stack([torch.bitwise_and(as_integers >> bit, 1) for bit in range(input_bits)]).to(inputs)
     bit_values = 2.0 ** torch.arange(input_bits, dtype=inputs.dtype, device=inputs.device)
     result = inputs.new_zeros(inputs.shape[0], weights.shape[0])
