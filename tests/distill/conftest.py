@@ -88,6 +88,32 @@ def float_pipeline(teacher_run):
 
 
 @pytest.fixture(scope="session")
+def ptq_run(teacher_run, distill_shards, tmp_path_factory):
+    """One ``quantize ptq`` run of the toy teacher with everything on (split skip scales, the ONNX
+    route, evaluation on the eager and bf16 runtimes): ``(output folder, report)``. Its exports are
+    the slow part, so the PT2E and the ONNX tests share it. Its batches are the ``calibration``
+    fixture's (2 samples), so the ONNX models take that fixture's calls at their exported shape."""
+    from distill.quantize import quantize_ptq
+
+    output = tmp_path_factory.mktemp("ptq-run") / "ptq"
+    config = {
+        "output": str(output),
+        "model": str(teacher_run),
+        "split_skip": True,
+        "onnx": True,
+        "calibration": {"shards": str(distill_shards), "num_samples": 2, "steps": 4, "timesteps": 2, "batch_size": 2},
+        "evaluation": {
+            "heldout": str(distill_shards),
+            "heldout_num": 4,
+            "psnr_num": 2,
+            "psnr_steps": 3,
+            "runtimes": ["eager", "bf16"],
+        },  # fmt: skip
+    }
+    return output, quantize_ptq(config)
+
+
+@pytest.fixture(scope="session")
 def calibration(float_pipeline, distill_shards):
     """Trajectory calibration of the toy teacher: 2 batches of 2 samples × 3 of 6 steps."""
     from distill.quant.calibration import trajectory_calibration

@@ -1,12 +1,15 @@
-"""The ONNX Runtime route at toy size: the exported denoiser runs in ORT as in torch (other batch
-sizes in chunks of the exported one); static QDQ int8 of its weighted ops within tolerance of fp32;
-a pipeline sampling with the ONNX model."""
+"""The ONNX Runtime route at toy size, on the models of the ``ptq_run`` fixture (``quantize ptq``
+with ``onnx: true``; exports are the slow part, so one run serves these tests and the PT2E ones):
+the exported denoiser runs in ORT as in torch (other batch sizes in chunks of the exported one);
+static QDQ int8 of its weighted ops within tolerance of fp32; the VAE decoder the same; pipelines
+sampling with the ONNX models."""
 
 import pytest
 import torch
 
-from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, export_vae_decoder, quantize_qdq, rebatched
+from distill.quant.onnx_runtime import OnnxDenoiser, rebatched
 from distill.quant.ptq import QuantizedDenoiser, canonical_call, with_denoiser
+from distill.quantize import load_quantized_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +18,9 @@ def calls(float_pipeline, calibration):
 
 
 @pytest.fixture(scope="module")
-def onnx_models(float_pipeline, calls, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onnx")
-    fp32 = export_onnx(float_pipeline.unet, calls[0], folder / "unet.onnx")
-    return fp32, quantize_qdq(fp32, calls, folder / "unet_int8.onnx")
+def onnx_models(ptq_run):
+    output, _ = ptq_run
+    return output / "unet.onnx", output / "unet_int8.onnx"
 
 
 def relative_error(ours, reference):
@@ -66,18 +68,28 @@ def test_a_pipeline_samples_with_the_onnx_denoiser(float_pipeline, onnx_models):
     assert abs(sample(pipeline).rgb - sample(float_pipeline).rgb).mean() < 0.05
 
 
-def test_the_vae_decoder_exports_and_quantizes_on_the_trajectories_final_latents(float_pipeline, calibration, tmp_path):
+def test_the_vae_decoder_exports_and_quantizes_on_the_trajectories_final_latents(float_pipeline, calibration, ptq_run):
     latents = calibration.decoder_inputs  # 2 batches × 3 branches, as the pipeline decodes them
     assert len(latents) == 6 and latents[0].shape[:2] == (2, float_pipeline.vae.config.latent_channels)
-    vae = float_pipeline.vae
-    fp32 = export_vae_decoder(vae, latents[0], tmp_path / "vae_decoder.onnx")
-    int8 = quantize_qdq(fp32, [{"latents": z} for z in latents], tmp_path / "vae_decoder_int8.onnx")
-    for path, tolerance in ((fp32, 1e-4), (int8, 0.1)):
-        session = OnnxDenoiser(path)
-        for z in latents:
-            with torch.no_grad():
-                reference = vae.decode(z).sample
-            assert relative_error(session(latents=z).sample, reference) < tolerance
+    output, report = ptq_run
+    # int8: the run's mean relative error on the latents it calibrated on (its own trajectories')
+    assert report["onnx"]["vae_decoder"]["relative_error"] < 0.1 and (output / "vae_decoder_int8.onnx").is_file()
+    session = OnnxDenoiser(output / "vae_decoder.onnx")  # fp32: exact on any latents of the exported shape
+    for z in latents:
+        with torch.no_grad():
+            reference = float_pipeline.vae.decode(z).sample
+        assert relative_error(session(latents=z).sample, reference) < 1e-4
+
+
+def test_the_run_reports_its_int8_error_and_loads_as_an_onnx_pipeline(ptq_run):
+    output, report = ptq_run
+    assert report["onnx"]["relative_error"] < 0.1 and report["split_skip"]
+    for runtime in ("onnx", "onnx-int8"):
+        pipeline = load_quantized_pipeline(output, runtime=runtime)
+        pipeline.set_progress_bar_config(disable=True)
+        result = pipeline("a person", pose={"width": 16, "height": 16, "people": []}, height=16, width=16,
+                          num_inference_steps=2, output_type="np")  # fmt: skip
+        assert result.rgb.shape == (1, 16, 16, 3)
 
 
 def test_calibration_calls_cut_into_the_exported_batch(calls):
