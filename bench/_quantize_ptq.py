@@ -17,6 +17,8 @@
    are timed) and ORT int8. v-loss of PT2E programs runs their graph uncompiled (the same
    quantize / dequantize arithmetic, simulated in fp32), since its batches differ from the
    compiled step's; the calibration comparison runs every variant that way (one runtime).
+5. With ``sides``: fp32 compiled against int8 compiled at larger latents (:func:`size_section`),
+   timing only: where convolutions outweigh the fixed per-op costs of a small step.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def first_call_s(call, kwargs: dict) -> float:
 
 
 def denoiser_section(
-    name: str, run: Path, teacher_paths: dict, work_dir: Path, args, compare_calibration=False, decoder=False
-):
+    name: str, run: Path, teacher_paths: dict, work_dir: Path, args, compare_calibration=False, decoder=False,
+    sides: tuple[int, ...] = (),
+):  # fmt: skip
     from distill.latency import alternating_ms, runner
     from distill.measure import HeldOut, load_pipeline, reference_samples, sample_psnr, step_inputs, v_loss
     from distill.quant.onnx_runtime import OnnxDenoiser, export_onnx, quantize_qdq, rebatched
@@ -125,8 +128,12 @@ def denoiser_section(
         }  # fmt: skip
     times["quality_s"] = time.perf_counter() - stage
     decoded = decoder_section(pipeline.vae, spread.decoder_inputs, work_dir, args) if decoder else None
+    stage = time.perf_counter()
+    by_side = size_section(unet, spread, sides, args) if sides else None
+    times["sides_s"] = time.perf_counter() - stage
     times["total_s"] = time.perf_counter() - started
     return {
+        "sides": by_side,
         "decoder": decoded,
         "model": name,
         "run": str(run),
@@ -192,9 +199,54 @@ def print_section(section: dict) -> None:
         for key in variants:
             print(f"{key:22} {'':8} {'':16}" + scores(key))
     print(f"compile / first call s: {section['compile_s']}; stages s: {section['times_s']}")
+    for side, row in (section.get("sides") or {}).items():
+        ms = row["step_ms"]
+        print(f"at {side}² latents (timing only): fp32 compiled {ms['fp32 compiled']:.1f} ms, int8 compiled "
+              f"{ms['int8 compiled']:.1f} ms: {row['int8_speedup']:.2f}×")  # fmt: skip
     decoded = section.get("decoder")
     if decoded:
         ms = decoded["ms"]
         print(f"VAE decoder, batch {decoded['batch']}: " + ", ".join(
             f"{key} {value:.1f} ms ({ms['fp32 compiled'] / value:.2f}×)" for key, value in ms.items()
         ) + f"; ORT int8 images vs fp32: {decoded['int8_psnr_db']:.1f} dB")  # fmt: skip
+
+
+@torch.no_grad()
+def size_section(unet, calibration, sizes: list[int], args) -> dict:
+    """int8's speed-up over compiled fp32 at larger latents than the model trained on (how the same
+    student scales to a deployment resolution): one guided step (batch 2) per latent side in
+    ``sizes``, the two runtimes timed in alternation. The int8 program is exported and calibrated
+    at that size on the calibration's calls resized to it (bilinear; per-tensor activation scales
+    barely depend on the image size, and only speed is measured here: the samples' quality is the
+    trained size's, above)."""
+    from distill.latency import alternating_ms
+    from distill.quant.ptq import canonical_call, compiled, export_denoiser, quantize_exported
+
+    rows = {}
+    for side in sizes:
+        calls = [resized(canonical_call(unet, a, k), side) for a, k in calibration.calls]
+        step = {name: value[:2] for name, value in calls[0].items()}  # the guided step's batch of 2
+        started = time.perf_counter()
+        program = quantize_exported(export_denoiser(unet, calls[0]), calls)
+        quantize_s = time.perf_counter() - started
+        runtimes = {"fp32 compiled": compiled(unet), "int8 compiled": compiled(program)}
+        # the float model's forward was compiled at the trained size already: a new shape would
+        # make dynamo recompile it with dynamic shapes (slower kernels); static, as int8 gets
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            compile_s = {key: round(first_call_s(runtime, step), 1) for key, runtime in runtimes.items()}
+        ms = alternating_ms(runtimes, dict.fromkeys(runtimes, step), args.rounds, args.repeats)
+        rows[side] = {"step_ms": ms, "int8_speedup": ms["fp32 compiled"] / ms["int8 compiled"],
+                      "compile_s": compile_s, "quantize_s": round(quantize_s, 1)}  # fmt: skip
+        print(f"[bench quantize] {side}² latents: fp32 compiled {ms['fp32 compiled']:.1f} ms, "
+              f"int8 compiled {ms['int8 compiled']:.1f} ms ({rows[side]['int8_speedup']:.2f}×)")  # fmt: skip
+    return rows
+
+
+def resized(call: dict, side: int) -> dict:
+    """A denoiser call with its spatial inputs (latents, pose latents) resized to ``side``²."""
+    import torch.nn.functional as F
+
+    return {
+        name: F.interpolate(value, size=(side, side), mode="bilinear") if value.ndim == 4 else value
+        for name, value in call.items()
+    }

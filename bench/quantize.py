@@ -13,7 +13,8 @@ apart from the benchmark's.
 1. PTQ (``bench/_quantize_ptq.py``), for the teacher and the student: one guided step on fp32
    eager / compiled / bf16, int8 compiled and ORT fp32 / int8; held-out v-loss and sample PSNR
    against fp32; on the student, calibration across the trajectory against at one timestep, and
-   split skip scales; the VAE decoder on ORT fp32 / int8.
+   split skip scales; the VAE decoder on ORT fp32 / int8; the student's fp32 and int8 compiled
+   step at larger latents too (``--sides``, timing only).
 2. SR (``bench/_quantize_sr.py``): the same runtimes for one 720p frame, PSNR on held-out photos.
 3. QAT (``bench/_quantize_qat.py``) on the student: W8A8, W4A8 fixed-point, power-of-two W4, mixed
    W4 (half the rows power-of-two); then PIM: conventional W8A8 under PIM quantization against
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=20)
     parser.add_argument("--calibration-timesteps", type=int, default=5, help="steps recorded per trajectory")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--sides", type=int, nargs="*", default=[64],
+                        help="latent sides at which the student's int8 step is also timed (none: skip)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per runtime and round")
     parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--qat-batch", type=int, default=4)
@@ -119,7 +122,7 @@ def main() -> None:
 
     result["student"] = _quantize_ptq.denoiser_section(
         "mobile student (evolved)", student["run"], teacher, work / "student", args, compare_calibration=True,
-        decoder=True,
+        decoder=True, sides=tuple(args.sides),
     )  # fmt: skip
     _quantize_ptq.print_section(result["student"])
     times["student_ptq_s"] = round(time.perf_counter() - stage, 1)
@@ -165,6 +168,7 @@ def summary(result: dict) -> dict:
         "split_skip_psnr_db": quality["int8 (spread+split)"]["psnr"]["rgb"],
         "ort_int8_speedup": ms["fp32 compiled"] / ms["ORT int8"],
         "bf16_speedup": ms["fp32 compiled"] / ms["bf16"],
+        "int8_speedup_by_latent_side": {side: row["int8_speedup"] for side, row in (student["sides"] or {}).items()},
     }
     if "teacher" in result:
         teacher_ms = result["teacher"]["step_ms"]
