@@ -121,3 +121,11 @@ def calibration(float_pipeline, distill_shards):
     return trajectory_calibration(
         float_pipeline, str(distill_shards), num_samples=4, steps=6, timesteps=3, batch_size=2
     )
+
+
+@pytest.fixture(scope="session")
+def int8_model(float_pipeline, calibration):
+    """The toy teacher's PT2E int8 model (converted, uncompiled), calibrated on ``calibration``."""
+    from distill.quant.ptq import quantize_int8
+
+    return quantize_int8(float_pipeline.unet, calibration)

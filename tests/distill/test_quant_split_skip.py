@@ -44,8 +44,8 @@ def test_the_up_path_shortcuts_split_at_the_seam_and_nothing_changes(float_pipel
         torch.testing.assert_close(model(**call).sample, unet(**call).sample, rtol=1e-4, atol=1e-5)
 
 
-def test_pt2e_gives_each_half_of_a_skip_concatenation_its_own_scale(float_pipeline, calibration):
-    plain = quantize_int8(float_pipeline.unet, calibration)
+def test_pt2e_gives_each_half_of_a_skip_concatenation_its_own_scale(float_pipeline, calibration, int8_model):
+    plain = int8_model
     split = quantize_int8(float_pipeline.unet, calibration, split_skip=True)
 
     def activation_quantizers(program):
