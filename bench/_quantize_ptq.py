@@ -212,18 +212,18 @@ def print_section(section: dict) -> None:
 
 
 @torch.no_grad()
-def size_section(unet, calibration, sizes: list[int], args) -> dict:
+def size_section(unet, calibration, sides: tuple[int, ...], args) -> dict:
     """int8's speed-up over compiled fp32 at larger latents than the model trained on (how the same
     student scales to a deployment resolution): one guided step (batch 2) per latent side in
-    ``sizes``, the two runtimes timed in alternation. The int8 program is exported and calibrated
-    at that size on the calibration's calls resized to it (bilinear; per-tensor activation scales
-    barely depend on the image size, and only speed is measured here: the samples' quality is the
+    ``sides``, the two runtimes timed in alternation. The int8 program is exported and calibrated
+    at that size on the calibration's calls resized to it (bilinear): the scales set the int8
+    values, not the kernels' speed, and only speed is measured here (the samples' quality is the
     trained size's, above)."""
     from distill.latency import alternating_ms
     from distill.quant.ptq import canonical_call, compiled, export_denoiser, quantize_exported
 
     rows = {}
-    for side in sizes:
+    for side in sides:
         calls = [resized(canonical_call(unet, a, k), side) for a, k in calibration.calls]
         step = {name: value[:2] for name, value in calls[0].items()}  # the guided step's batch of 2
         started = time.perf_counter()

@@ -104,13 +104,18 @@ def adc(partial: torch.Tensor, top: float, bits: int, signed: bool, noise: float
     """An ADC of ``bits`` bits reading ``[-top, top]`` (``signed``: two's-complement codes) or
     ``[0, top]``: uniform steps with a level at zero, never finer than one unit; values beyond the
     range clip to the end codes."""
-    step = max(1.0, top / max(1, 2 ** (bits - 1) - 1) if signed else top / (2**bits - 1))
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    low, high = adc_codes(bits, signed)
+    step = max(1.0, top / max(1, high))
     # in place on the one fresh copy: the partial sums are the largest tensors of a PIM forward
     codes = partial / step
     if noise:
         codes.add_(torch.randn(partial.shape, generator=generator).to(partial), alpha=noise)
     return codes.round_().clamp_(low, high).mul_(step)
+
+
+def adc_codes(bits: int, signed: bool) -> tuple[int, int]:
+    """The lowest and highest code of an ADC of ``bits`` bits (two's complement when ``signed``)."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: float, samples: int = 1 << 14) -> float:
@@ -120,15 +125,14 @@ def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: fl
     values = partial.detach().flatten()
     values = values[:: max(1, values.numel() // samples)].double()
     largest = float(values.abs().max()) if values.numel() else 0.0
-    exact_below = (2 ** (bits - 1) - 1) if signed else (2**bits - 1)  # tops whose step is one unit
+    low, high = adc_codes(bits, signed)
+    exact_below = high  # tops whose step is one unit
     tops = [min(full_scale, max(largest, 1.0))]
     while tops[-1] > exact_below:  # below this the step stays at one unit: only more clipping
         tops.append(max(tops[-1] * 2**-0.25, exact_below))
     # every candidate at once (one pass per op over candidates × values, not a Python loop per
     # candidate: this runs for every crossbar array of every layer in each PIM-QAT step)
-    steps = values.new_tensor(tops) / (max(1, 2 ** (bits - 1) - 1) if signed else 2**bits - 1)
-    steps = steps.clamp_min(1.0)[:, None]
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    steps = (values.new_tensor(tops) / max(1, high)).clamp_min(1.0)[:, None]  # as adc() steps
     errors = ((values / steps).round_().clamp_(low, high).mul_(steps) - values).pow_(2).mean(1)
     return tops[int(errors.argmin())]
 
