@@ -130,6 +130,8 @@ def pim_section(run: Path, qat: dict, teacher_paths: dict, work_dir: Path, args)
             conventional_losses = {noise: pim_loss(conventional, heldout, noise) for noise in noises}
             output = work_dir / f"pim-qat-{adc_range}-adc{bits}"
             pim = {**chip, "noise": 0.0, "train_noise": args.pim_noise, "rescale": True}
+            if args.pim_train_adc_offset:  # PIM-QAT's adjusted precision: train at another ADC resolution
+                pim["train_adc_bits"] = bits + args.pim_train_adc_offset
             # from the conventional model's weights (a PIM simulation step costs tens of digital ones);
             # the bench scores it below, so the run itself skips its held-out passes
             quantize_qat(qat_config(output, init, teacher_paths, SCHEMES["W8A8"], args.pim_steps, args, pim=pim,
@@ -149,6 +151,7 @@ def pim_section(run: Path, qat: dict, teacher_paths: dict, work_dir: Path, args)
     result = {
         "rows": rows, "fp32": fp32, "w8a8_digital": digital, "tile": args.pim_tile, "scheme": args.pim_scheme,
         "noise_lsb": args.pim_noise, "steps": args.pim_steps, "learning_rate": args.pim_lr,
+        "train_adc_offset": args.pim_train_adc_offset,
         "heldout_num": args.pim_heldout_num, "calibration_batches": args.pim_calibration_batches,
     }  # fmt: skip
     for adc_range in args.pim_adc_ranges:

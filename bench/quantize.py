@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--pim-scheme", default="bit_serial", choices=["bit_serial", "differential", "sliced"])
     parser.add_argument("--adc-bits", type=int, nargs="+", default=[4, 5, 6])
     parser.add_argument("--pim-noise", type=float, default=0.5, help="thermal noise, ADC steps (LSBs)")
+    parser.add_argument("--pim-train-adc-offset", type=int, default=0,
+                        help="adjusted precision: PIM-QAT trains at the chip's ADC bits + this")  # fmt: skip
     parser.add_argument("--pim-heldout-num", type=int, default=8)
     parser.add_argument(
         "--pim-adc-ranges",
