@@ -100,12 +100,14 @@ class PIMConfig:
         return cls(**config)
 
 
-def adc(partial: torch.Tensor, top: float, bits: int, signed: bool, noise: float = 0.0, generator=None):
+def adc(partial: torch.Tensor, top, bits: int, signed: bool, noise: float = 0.0, generator=None):
     """An ADC of ``bits`` bits reading ``[-top, top]`` (``signed``: two's-complement codes) or
     ``[0, top]``: uniform steps with a level at zero, never finer than one unit; values beyond the
-    range clip to the end codes."""
+    range clip to the end codes. ``top``: a float, or a tensor of ranges broadcast against
+    ``partial`` (:func:`fit_adc_range` reads its values at every candidate range at once)."""
     low, high = adc_codes(bits, signed)
-    step = max(1.0, top / max(1, high))
+    step = top / max(1, high)
+    step = step.clamp_min(1.0) if isinstance(step, torch.Tensor) else max(1.0, step)
     # in place on the one fresh copy: the partial sums are the largest tensors of a PIM forward
     codes = partial / step
     if noise:
@@ -125,15 +127,13 @@ def fit_adc_range(partial: torch.Tensor, bits: int, signed: bool, full_scale: fl
     values = partial.detach().flatten()
     values = values[:: max(1, values.numel() // samples)].double()
     largest = float(values.abs().max()) if values.numel() else 0.0
-    low, high = adc_codes(bits, signed)
-    exact_below = high  # tops whose step is one unit
+    exact_below = adc_codes(bits, signed)[1]  # tops up to the highest code step by one unit
     tops = [min(full_scale, max(largest, 1.0))]
     while tops[-1] > exact_below:  # below this the step stays at one unit: only more clipping
         tops.append(max(tops[-1] * 2**-0.25, exact_below))
     # every candidate at once (one pass per op over candidates × values, not a Python loop per
     # candidate: this runs for every crossbar array of every layer in each PIM-QAT step)
-    steps = (values.new_tensor(tops) / max(1, high)).clamp_min(1.0)[:, None]  # as adc() steps
-    errors = ((values / steps).round_().clamp_(low, high).mul_(steps) - values).pow_(2).mean(1)
+    errors = (adc(values, values.new_tensor(tops)[:, None], bits, signed) - values).pow_(2).mean(1)
     return tops[int(errors.argmin())]
 
 
